@@ -1,0 +1,145 @@
+"""The `Backbone` protocol: a frozen multimodal encoder bound to a shared embedding space."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from advcal.specs import InputSpec
+
+DEFAULT_TEMPLATES = ("a {}.", "a photo of a {}.", "a recording of a {}.", "an example of a {}.")
+
+
+class Backbone(nn.Module):
+    """A frozen encoder per modality, all mapping into one ``embed_dim`` space.
+
+    Subclasses implement :meth:`_encode` (and :meth:`encode_text` when they have a text
+    tower). ``encode`` validates the modality and input before any work is done. Embeddings
+    are returned with the backbone's own scale (not necessarily unit-norm); advcal's heads,
+    objectives and metrics normalise.
+
+    A backbone is always frozen: parameters never require grad and ``train()`` keeps it in
+    eval mode, so BatchNorm statistics and dropout never move during calibration or attacks.
+    """
+
+    name: str = "backbone"
+
+    def __init__(self, specs: Mapping[str, InputSpec], embed_dim: int) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError("a Backbone needs at least one modality spec")
+        self._specs = dict(specs)
+        self.embed_dim = int(embed_dim)
+
+    # -- description ---------------------------------------------------------------------
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self._specs)
+
+    def spec(self, modality: str) -> InputSpec:
+        try:
+            return self._specs[modality]
+        except KeyError:
+            raise ValueError(
+                f"unknown modality {modality!r} for backbone '{self.name}'; "
+                f"it has {list(self._specs)}"
+            ) from None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- freezing ------------------------------------------------------------------------
+    def freeze(self) -> Backbone:
+        self.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> Backbone:  # noqa: ARG002 - frozen: always eval
+        return super().train(False)
+
+    # -- encoding ------------------------------------------------------------------------
+    def encode(self, modality: str, x: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Embed a batch ``x`` of modality ``modality`` given in its valid input range.
+
+        Returns ``(B, embed_dim)``. Differentiable w.r.t. ``x`` (attacks need it).
+        ``check=False`` skips validation (the attack loop validates once, not every step).
+        """
+        spec = self.spec(modality)
+        if check:
+            spec.check_input(x, "x", modality)
+        return self._encode(modality, x)
+
+    def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Embed text prompts, ``(N, embed_dim)``."""
+        raise NotImplementedError(
+            f"backbone '{self.name}' has no text tower; pass centers explicitly"
+        )
+
+    @torch.no_grad()
+    def centers(
+        self, class_names: Sequence[str], templates: Sequence[str] | None = None
+    ) -> torch.Tensor:
+        """Fixed semantic centers ``(K, embed_dim)``, unit-norm rows.
+
+        Each class's center is the renormalised mean of the normalised text embeddings of
+        its prompts, one per template (a template ensemble, as in CLIP zero-shot).
+        """
+        if not class_names:
+            raise ValueError("class_names is empty")
+        templates = tuple(templates or DEFAULT_TEMPLATES)
+        prompts = [t.format(c) for c in class_names for t in templates]
+        z = nn.functional.normalize(self.encode_text(prompts).float(), dim=-1)
+        z = z.view(len(class_names), len(templates), -1).mean(1)
+        return nn.functional.normalize(z, dim=-1)
+
+
+class WrappedBackbone(Backbone):
+    """A Backbone made of a user's own encoders (see :func:`advcal.backbones.wrap`)."""
+
+    name = "wrapped"
+
+    def __init__(
+        self,
+        encoders: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+        specs: Mapping[str, InputSpec],
+        embed_dim: int,
+        text_encoder: Callable[[Sequence[str]], torch.Tensor] | None = None,
+    ) -> None:
+        missing = set(encoders) ^ set(specs)
+        if missing:
+            raise ValueError(
+                f"encoders and specs must name the same modalities; mismatch: {sorted(missing)}"
+            )
+        super().__init__(specs, embed_dim)
+        self.encoders = nn.ModuleDict(
+            {m: e if isinstance(e, nn.Module) else _Lambda(e) for m, e in encoders.items()}
+        )
+        self._text = text_encoder
+        self.freeze()
+
+    def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        z = self.encoders[modality](x)
+        if z.dim() != 2 or z.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"encoder for '{modality}' returned shape {tuple(z.shape)}, "
+                f"expected (B, {self.embed_dim})"
+            )
+        return z
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        if self._text is None:
+            return super().encode_text(prompts)
+        return self._text(list(prompts))
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)

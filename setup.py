@@ -1,0 +1,67 @@
+"""Builds the optional C++/CUDA extension ``advcal._C`` and maps ``kernels/`` to ``advcal.kernels``.
+
+Knobs (environment):
+  ADVCAL_BUILD_EXT=0        skip the extension entirely (pure Python install)
+  ADVCAL_BUILD_CUDA=auto|0|1  CUDA sources: auto = when torch has CUDA and nvcc is found
+  TORCH_CUDA_ARCH_LIST      defaults to "8.0;9.0" (A100, H100/H200)
+Install with ``pip install --no-build-isolation -e .`` so the build uses the installed torch.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+PACKAGES = ["advcal", "advcal.ops", "advcal.backbones", "advcal.kernels"]
+PACKAGE_DIR = {"advcal": "advcal", "advcal.kernels": "kernels"}
+
+
+def _extensions():
+    if os.environ.get("ADVCAL_BUILD_EXT", "1") == "0":
+        return [], {}
+    cpp = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    if not cpp:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("advcal: torch not importable at build time; building without advcal._C")
+        return [], {}
+
+    want = os.environ.get("ADVCAL_BUILD_CUDA", "auto").lower()
+    nvcc = shutil.which("nvcc") or (
+        os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc").exists()
+    )
+    has_cuda = torch.version.cuda is not None and bool(nvcc)
+    if want == "1" and not has_cuda:
+        raise RuntimeError(
+            "ADVCAL_BUILD_CUDA=1 but torch has no CUDA or nvcc is not found "
+            f"(torch.version.cuda={torch.version.cuda}, nvcc={nvcc})"
+        )
+    use_cuda = has_cuda and want != "0"
+    cxx = ["-O3", "-std=c++17"]
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+        ext = CUDAExtension(
+            "advcal._C",
+            cpp + cu,
+            define_macros=[("ADVCAL_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+        )
+    else:
+        ext = CppExtension("advcal._C", cpp, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"advcal": ["py.typed", "data/*"], "advcal.backbones": ["assets/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
