@@ -55,7 +55,7 @@ class Backbone(nn.Module):
         self.requires_grad_(False)
         return super().train(False)
 
-    def train(self, mode: bool = True) -> Backbone:  # noqa: ARG002 - frozen: always eval
+    def train(self, mode: bool = True) -> Backbone:
         return super().train(False)
 
     # -- encoding ------------------------------------------------------------------------

@@ -46,14 +46,18 @@ class MultiModalDataset:
         if n == 0:
             raise ValueError(f"dataset '{self.name}' is empty")
         if self.labels.dim() != 1 or self.labels.dtype != torch.int64:
-            raise ValueError(f"labels must be a 1-D int64 tensor, got {self.labels.dtype} "
-                             f"of shape {tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be a 1-D int64 tensor, got {self.labels.dtype} "
+                f"of shape {tuple(self.labels.shape)}"
+            )
         for m, x in self.inputs.items():
             if x.shape[0] != n:
                 raise ValueError(f"inputs['{m}'] has {x.shape[0]} samples, labels have {n}")
         if self.labels.min() < 0 or self.labels.max() >= len(self.class_names):
-            raise ValueError(f"labels must lie in [0, {len(self.class_names)}), "
-                             f"got [{int(self.labels.min())}, {int(self.labels.max())}]")
+            raise ValueError(
+                f"labels must lie in [0, {len(self.class_names)}), "
+                f"got [{int(self.labels.min())}, {int(self.labels.max())}]"
+            )
         if self.ids is None:
             self.ids = torch.arange(n)
         elif self.ids.shape != (n,):
@@ -84,16 +88,25 @@ class MultiModalDataset:
     def select(self, modalities: Sequence[str]) -> MultiModalDataset:
         missing = [m for m in modalities if m not in self.inputs]
         if missing:
-            raise ValueError(f"dataset '{self.name}' has no modality {missing}; "
-                             f"it has {list(self.inputs)}")
-        return MultiModalDataset({m: self.inputs[m] for m in modalities}, self.labels,
-                                 self.class_names, self.ids, self.name, self.templates)
+            raise ValueError(
+                f"dataset '{self.name}' has no modality {missing}; it has {list(self.inputs)}"
+            )
+        return MultiModalDataset(
+            {m: self.inputs[m] for m in modalities},
+            self.labels,
+            self.class_names,
+            self.ids,
+            self.name,
+            self.templates,
+        )
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[torch.Tensor]:
         """Index batches (the caller gathers the modalities it needs)."""
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        order = (
+            torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        )
         yield from order.split(batch_size)
 
 
@@ -102,8 +115,11 @@ def save(dataset: MultiModalDataset, path: str | Path) -> None:
     tensors = {f"in.{m}": x.contiguous() for m, x in dataset.inputs.items()}
     tensors["labels"] = dataset.labels.contiguous()
     tensors["ids"] = dataset.ids.contiguous()
-    meta = {"class_names": json.dumps(list(dataset.class_names)), "name": dataset.name,
-            "templates": json.dumps(list(dataset.templates))}
+    meta = {
+        "class_names": json.dumps(list(dataset.class_names)),
+        "name": dataset.name,
+        "templates": json.dumps(list(dataset.templates)),
+    }
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -124,12 +140,19 @@ def load(path: str | Path) -> MultiModalDataset:
     except Exception as err:  # safetensors raises several types for a corrupt header
         raise ValueError(f"{path} is not a readable safetensors dataset: {err}") from err
     if "labels" not in tensors or "class_names" not in meta:
-        raise ValueError(f"{path} is a safetensors file but not an advcal dataset "
-                         "(no 'labels' tensor or 'class_names' metadata)")
+        raise ValueError(
+            f"{path} is a safetensors file but not an advcal dataset "
+            "(no 'labels' tensor or 'class_names' metadata)"
+        )
     inputs = {k[3:]: v for k, v in tensors.items() if k.startswith("in.")}
-    return MultiModalDataset(inputs, tensors["labels"], tuple(json.loads(meta["class_names"])),
-                             tensors.get("ids"), meta.get("name", path.stem),
-                             tuple(json.loads(meta.get("templates", "[]"))))
+    return MultiModalDataset(
+        inputs,
+        tensors["labels"],
+        tuple(json.loads(meta["class_names"])),
+        tensors.get("ids"),
+        meta.get("name", path.stem),
+        tuple(json.loads(meta.get("templates", "[]"))),
+    )
 
 
 def load_dataset(name_or_path: str | Path, split: str = "test", **kwargs) -> MultiModalDataset:

@@ -78,7 +78,9 @@ def random_start_ref_(
             d = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
             r = torch.rand(
                 (x.shape[0],) + (1,) * (x.dim() - 1),
-                generator=generator, device=x.device, dtype=torch.float32,
+                generator=generator,
+                device=x.device,
+                dtype=torch.float32,
             )
             d = d / _per_sample_norm(d) * e * r
             x.copy_(x0 + d.to(x.dtype))
