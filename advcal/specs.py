@@ -26,7 +26,7 @@ class InputSpec:
         lo, hi: valid input range (``None`` = unbounded on that side).
         eps: default attack budget, in input units (``4/255`` for pixels in [0, 1]).
         norm: ``"linf"`` or ``"l2"``.
-        space: what the attack perturbs (``"pixels"``, ``"waveform"``, ``"fbank"``, ``"points"``...).
+        space: what the attack perturbs: ``"pixels"``, ``"waveform"``, ``"fbank"``, ``"points"``.
         description: one line for reports (units, layout).
     """
 

@@ -96,3 +96,24 @@ def describe() -> dict[str, dict[str, str]]:
 
 def ops() -> tuple[str, ...]:
     return tuple(_OPS)
+
+
+def chosen_by_device(device: str) -> dict[str, str]:
+    """For ``advcal info``: the backend each op would use for tensors on ``device``, judged by
+    each backend's ``why_not.device(device)`` when it has one (else by its general check)."""
+    out: dict[str, str] = {}
+    forced = forced_backend()
+    for op, backends in _OPS.items():
+        for b in backends:
+            if forced is not None and forced in [x.name for x in backends] and b.name != forced:
+                continue
+            check = getattr(b.why_not, "device", None)
+            general = getattr(b.why_not, "general", None)
+            reason = (
+                check(device) if callable(check) else (general() if callable(general) else None)
+            )
+            if reason is None:
+                out[op] = b.name
+                break
+            out[op] = f"{b.name} cannot run: {reason}"
+    return out

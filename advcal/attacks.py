@@ -1,0 +1,279 @@
+"""Adaptive white-box attacks in each modality's valid input space.
+
+Attacks are objects built with typed keywords and called as ``atk(x, y)`` (torchattacks
+style). The model is a *classifier*: any module mapping a batch of inputs to logits. For the
+calibrated chain use :class:`ZeroShotClassifier`, which runs frozen backbone -> head ->
+normalise -> logits against the fixed centers, so the attack is adaptive (through backbone
+AND head). ``x`` may also be a dict ``{modality: tensor}`` with a dict of classifiers: all
+modalities of a batch are attacked together and updated in one fused ``pgd_step_`` call.
+
+The base class validates inputs before any work, runs the models in eval mode and restores
+their mode, never leaves the eps-ball or the valid range (the fused update projects and
+clamps every step), keeps the per-sample worst case over restarts, and touches no parameter
+gradients (it differentiates w.r.t. the input only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advcal import ops
+from advcal.backbones.base import Backbone
+from advcal.heads import Head
+from advcal.specs import InputSpec
+
+
+class ZeroShotClassifier(nn.Module):
+    """``x -> logits``: frozen ``backbone.encode(m, x)`` -> ``head`` -> cos vs ``centers`` / tau.
+
+    ``head=None`` gives the frozen model. Logits are fp32 ``(B, K)``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        modality: str,
+        centers: torch.Tensor,
+        head: Head | None = None,
+        tau: float = 0.07,
+    ) -> None:
+        super().__init__()
+        self.spec = backbone.spec(modality)  # validates the modality
+        if centers.dim() != 2 or centers.shape[1] != backbone.embed_dim:
+            raise ValueError(
+                f"centers must be (K, {backbone.embed_dim}) for backbone "
+                f"'{backbone.name}', got {tuple(centers.shape)}"
+            )
+        self.backbone, self.modality, self.head, self.tau = backbone, modality, head, tau
+        self.register_buffer("centers", centers.detach(), persistent=False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone embedding (before the head), ``(B, D)``."""
+        return self.backbone.encode(self.modality, x, check=False)
+
+    def _params(self):
+        fused = self.head.fused() if self.head is not None else (None, None, False)
+        return fused
+
+    def logits_from_embedding(self, e: torch.Tensor) -> torch.Tensor:
+        fused = self._params()
+        if fused is None:  # MLP head: run it, then the shared normalise + logits op
+            return ops.head_logits(self.head(e), None, None, self.centers, self.tau, residual=False)
+        w, b, residual = fused
+        return ops.head_logits(e, w, b, self.centers, self.tau, residual=residual)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_embedding(self.embed(x))
+
+    def target_cos(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``cos(z, c_y)`` per sample (CrossMaxim's objective)."""
+        return self.forward(x).gather(1, y[:, None]).squeeze(1) * self.tau
+
+
+@dataclass(frozen=True)
+class _Target:
+    model: nn.Module
+    spec: InputSpec
+    eps: float
+    alpha: float
+
+
+class Attack:
+    """Base of the iterative L-inf / L2 attacks. Subclasses define :meth:`loss` (per sample,
+    maximised).
+
+    Args:
+        model: a classifier module, or a dict ``{modality: classifier}``.
+        eps: budget in input units; default: the spec's ``eps`` (per modality for dicts;
+            a dict of floats sets them per modality).
+        alpha: step size; default ``eps * alpha_ratio``.
+        steps: iterations; restarts: independent random starts, worst case kept per sample.
+        norm: ``"linf"`` or ``"l2"``; default: the spec's norm.
+        spec: the InputSpec(s); default: ``model.spec`` (ZeroShotClassifier has one).
+        random_start: start uniformly inside the ball (True) or at ``x``.
+        seed: seeds the random starts (a ``torch.Generator``), so attacks are reproducible.
+    """
+
+    name = "attack"
+
+    def __init__(
+        self,
+        model: nn.Module | Mapping[str, nn.Module],
+        *,
+        eps: float | Mapping[str, float] | None = None,
+        alpha: float | None = None,
+        alpha_ratio: float = 0.25,
+        steps: int = 10,
+        restarts: int = 1,
+        norm: str | None = None,
+        spec: InputSpec | Mapping[str, InputSpec] | None = None,
+        random_start: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if steps < 0 or restarts < 1:
+            raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}")
+        if norm not in (None, "linf", "l2"):
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        if not 0 < alpha_ratio <= 1:
+            raise ValueError(f"alpha_ratio must be in (0, 1], got {alpha_ratio}")
+        self.multi = isinstance(model, Mapping)
+        models = dict(model) if self.multi else {"": model}
+        specs = spec if isinstance(spec, Mapping) else {m: spec for m in models}
+        self.targets: dict[str, _Target] = {}
+        for m, mod in models.items():
+            s = specs.get(m) or getattr(mod, "spec", None)
+            if s is None:
+                raise ValueError(f"no InputSpec for {'model' if not m else repr(m)}: pass spec=")
+            if norm is not None:
+                s = InputSpec(s.shape, s.lo, s.hi, s.eps, norm, s.space, s.description)
+            e = eps.get(m, s.eps) if isinstance(eps, Mapping) else (s.eps if eps is None else eps)
+            e = s.check_eps(e, f"eps for {m!r}" if m else "eps")
+            a = alpha if alpha is not None else e * alpha_ratio
+            self.targets[m] = _Target(mod, s, e, float(a))
+        self.steps, self.restarts = steps, restarts
+        self.random_start, self.seed = random_start, seed
+
+    # -- the objective ------------------------------------------------------------------
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- public call --------------------------------------------------------------------
+    def __call__(self, x, y: torch.Tensor):
+        """Adversarial examples for ``x`` (a tensor, or a dict for a dict of models)."""
+        xs = x if self.multi else {"": x}
+        if not isinstance(xs, Mapping) or set(xs) != set(self.targets):
+            want = f"a dict with keys {sorted(self.targets)}" if self.multi else "a tensor"
+            raise ValueError(f"x must be {want}")
+        if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype != torch.int64:
+            raise ValueError("y must be a 1-D int64 tensor of labels")
+        for m, t in self.targets.items():
+            name = f"x[{m!r}]" if m else "x"
+            t.spec.check_input(xs[m], name, m)
+            if xs[m].shape[0] != y.shape[0]:
+                raise ValueError(f"{name} has batch {xs[m].shape[0]} but y has {y.shape[0]}")
+            below = t.spec.lo is not None and bool(xs[m].min() < t.spec.lo - 1e-6)
+            above = t.spec.hi is not None and bool(xs[m].max() > t.spec.hi + 1e-6)
+            if below or above:
+                raise ValueError(f"{name} lies outside its valid range [{t.spec.lo}, {t.spec.hi}]")
+        with _eval_mode([t.model for t in self.targets.values()]):
+            out = self._run({m: xs[m].detach() for m in self.targets}, y)
+        return out if self.multi else out[""]
+
+    # -- the loop -----------------------------------------------------------------------
+    def _run(self, x0: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = y.device
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        best = {m: x.clone() for m, x in x0.items()}
+        best_wrong = {m: torch.zeros(len(y), dtype=torch.bool, device=device) for m in x0}
+        best_loss = {m: torch.full((len(y),), -float("inf"), device=device) for m in x0}
+        groups = _by_norm(self.targets)
+        for _ in range(self.restarts):
+            x_adv = {m: x.clone() for m, x in x0.items()}
+            if self.random_start:
+                for norm, ms in groups.items():
+                    ops.random_start_(
+                        [x_adv[m] for m in ms],
+                        [x0[m] for m in ms],
+                        eps=[self.targets[m].eps for m in ms],
+                        lo=[self.targets[m].spec.lo for m in ms],
+                        hi=[self.targets[m].spec.hi for m in ms],
+                        norm=norm,
+                        generator=gen,
+                    )
+            for _ in range(self.steps):
+                grads = {m: self._grad(self.targets[m].model, x_adv[m], y) for m in x_adv}
+                for norm, ms in groups.items():
+                    ops.pgd_step_(
+                        [x_adv[m] for m in ms],
+                        [grads[m] for m in ms],
+                        [x0[m] for m in ms],
+                        alpha=[self.targets[m].alpha for m in ms],
+                        eps=[self.targets[m].eps for m in ms],
+                        lo=[self.targets[m].spec.lo for m in ms],
+                        hi=[self.targets[m].spec.hi for m in ms],
+                        norm=norm,
+                    )
+            with torch.no_grad():
+                for m, xa in x_adv.items():
+                    model = self.targets[m].model
+                    wrong = model(xa).argmax(1) != y
+                    loss = self.loss(model, xa, y).float()
+                    better = (wrong & ~best_wrong[m]) | (
+                        (wrong == best_wrong[m]) & (loss > best_loss[m])
+                    )
+                    best[m][better] = xa[better]
+                    best_wrong[m] |= wrong
+                    best_loss[m] = torch.where(better, loss, best_loss[m])
+        return best
+
+    def _grad(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(model, x, y).sum()
+            (g,) = torch.autograd.grad(loss, x)
+        return g
+
+    def describe(self) -> dict:
+        return {
+            "attack": self.name,
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "random_start": self.random_start,
+            "seed": self.seed,
+            "eps": {m or "x": t.eps for m, t in self.targets.items()},
+            "alpha": {m or "x": t.alpha for m, t in self.targets.items()},
+            "norm": {m or "x": t.spec.norm for m, t in self.targets.items()},
+        }
+
+
+class PGD(Attack):
+    """Projected gradient descent on the cross-entropy of the logits (Madry et al.)."""
+
+    name = "pgd"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+class CrossMaxim(Attack):
+    """Untargeted feature-space attack: push the embedding away from its true center,
+    maximising ``-cos(z, c_y)``. Needs a model with ``target_cos(x, y)``
+    (:class:`ZeroShotClassifier`)."""
+
+    name = "crossmaxim"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not hasattr(model, "target_cos"):
+            raise TypeError(
+                "CrossMaxim needs a model with target_cos(x, y), e.g. "
+                "advcal.attacks.ZeroShotClassifier"
+            )
+        return -model.target_cos(x, y).float()
+
+
+ATTACKS = {"pgd": PGD, "crossmaxim": CrossMaxim}
+
+
+def _by_norm(targets: Mapping[str, _Target]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for m, t in targets.items():
+        groups.setdefault(t.spec.norm, []).append(m)
+    return groups
+
+
+@contextlib.contextmanager
+def _eval_mode(models):
+    modes = [(m, m.training) for m in models]
+    try:
+        for m, _ in modes:
+            m.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)

@@ -1,0 +1,308 @@
+"""The Calibrator: trains the heads on adversarial examples only, the backbone and centers frozen.
+
+One step (a batch of paired instances, every modality at once)::
+
+    x_adv = PGD-k(x) through backbone + current head      (all modalities, one fused update)
+    e_adv = backbone(x_adv)                                (no grad: the backbone is frozen)
+    loss  = sum_m Objective(head_m, e_adv_m, e_clean_m, C, y)
+    AdamW step on the heads; cosine learning-rate schedule
+
+``e_clean`` is computed once for the whole training set and cached (the backbone is frozen).
+Every epoch ends with an atomic checkpoint; ``fit(resume=True)`` continues from it and gives
+the same heads as an uninterrupted run (all randomness is seeded per epoch and batch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from advcal import ops
+from advcal.attacks import PGD, ZeroShotClassifier
+from advcal.backbones.base import Backbone
+from advcal.data import MultiModalDataset
+from advcal.heads import CalibrationHeads
+from advcal.objectives import Objective
+from advcal.profiling import nvtx_range
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Every knob of a calibration run (written into the run's config and report)."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    head_kind: str = "mlp"
+    head_hidden: int | None = None
+    objective: Objective = field(default_factory=Objective)
+    attack_steps: int = 10
+    alpha_ratio: float = 0.25
+    eps_scale: float = 1.0  # train at eps_scale x each modality's eps
+    amp: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "attack_steps"):
+            if getattr(self, name) < (0 if name == "attack_steps" else 1):
+                raise ValueError(f"CalibConfig.{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.eps_scale >= 0):
+            raise ValueError("CalibConfig needs lr > 0, weight_decay >= 0, eps_scale >= 0")
+        if isinstance(self.objective, dict):
+            object.__setattr__(self, "objective", Objective(**self.objective))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _seed(*parts: int) -> int:
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p)) % (2**62)
+    return s
+
+
+class Calibrator:
+    """Fit :class:`CalibrationHeads` for ``modalities`` of a frozen ``backbone``.
+
+    Args:
+        backbone: the frozen Backbone.
+        centers: ``(K, D)`` unit-norm fixed semantic centers.
+        modalities: which modalities get a head (default: all the dataset has).
+        config: :class:`CalibConfig`.
+        out_dir: where checkpoints go (None: no checkpoints, no resume).
+        device: where to train (default: the centers' device).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        centers: torch.Tensor,
+        modalities: Sequence[str],
+        config: CalibConfig | None = None,
+        *,
+        out_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.config = config or CalibConfig()
+        self.device = torch.device(device) if device is not None else centers.device
+        for m in modalities:
+            backbone.spec(m)  # unknown modality -> clear error now, not mid-epoch
+        if centers.dim() != 2 or centers.shape[1] != backbone.embed_dim:
+            raise ValueError(
+                f"centers must be (K, {backbone.embed_dim}), got {tuple(centers.shape)}"
+            )
+        self.backbone = backbone.to(self.device)
+        self.centers = F.normalize(centers.detach().float(), dim=-1).to(self.device)
+        self.modalities = tuple(modalities)
+        self.heads = CalibrationHeads(
+            self.modalities,
+            backbone.embed_dim,
+            kind=self.config.head_kind,
+            hidden=self.config.head_hidden,
+        ).to(self.device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.history: list[dict] = []
+        self.timings: dict[str, float] = {}
+
+    # -- pieces -------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
+    @torch.no_grad()
+    def clean_embeddings(self, dataset: MultiModalDataset, batch_size: int = 256) -> dict:
+        """Frozen clean embeddings of every sample, per modality, ``(N, D)`` fp32 (cached)."""
+        out = {}
+        for m in self.modalities:
+            x = dataset.inputs[m]
+            self.backbone.spec(m).check_input(x[:1], f"dataset.inputs[{m!r}]", m)
+            chunks = []
+            for i in range(0, len(dataset), batch_size):
+                with self._autocast():
+                    chunks.append(
+                        self.backbone.encode(
+                            m, x[i : i + batch_size].to(self.device), check=False
+                        ).float()
+                    )
+            out[m] = torch.cat(chunks)
+        return out
+
+    def _attack(self, epoch: int, step: int) -> PGD:
+        classifiers = {
+            m: ZeroShotClassifier(
+                self.backbone, m, self.centers, self.heads[m], self.config.objective.tau
+            )
+            for m in self.modalities
+        }
+        eps = {m: self.backbone.spec(m).eps * self.config.eps_scale for m in self.modalities}
+        return PGD(
+            classifiers,
+            eps=eps,
+            steps=self.config.attack_steps,
+            alpha_ratio=self.config.alpha_ratio,
+            seed=_seed(self.config.seed, epoch, step),
+        )
+
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT
+
+    def _save(self, epoch: int, opt, sched) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {
+                "epoch": epoch,
+                "heads": self.heads.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "history": self.history,
+                "config": self.config.as_dict(),
+                "modalities": list(self.modalities),
+            },
+            tmp,
+        )
+        tmp.replace(path)  # atomic: an interrupted write never clobbers the last checkpoint
+
+    def _load(self, opt, sched) -> int:
+        path = self._checkpoint_path()
+        if path is None or not path.is_file():
+            return 0
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"checkpoint {path} is corrupt or not an advcal checkpoint: {err}. "
+                "Delete it to start over."
+            ) from err
+        if state.get("config") != self.config.as_dict() or state.get("modalities") != list(
+            self.modalities
+        ):
+            raise ValueError(
+                f"checkpoint {path} was written by a run with a different config or "
+                "modalities; use another --out or drop --resume"
+            )
+        self.heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        self.history = list(state["history"])
+        return int(state["epoch"])
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(
+        self,
+        dataset: MultiModalDataset,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        stop_after: int | None = None,
+    ) -> CalibrationHeads:
+        """Train the heads. ``stop_after=k`` stops after epoch k (as an interruption would,
+        checkpoint written); ``resume=True`` continues from the checkpoint in ``out_dir``."""
+        cfg = self.config
+        missing = [m for m in self.modalities if m not in dataset.inputs]
+        if missing:
+            raise ValueError(f"dataset '{dataset.name}' lacks modalities {missing}")
+        if len(dataset) < 2:
+            raise ValueError("calibration needs at least 2 samples (InfoNCE contrasts a batch)")
+        t0 = time.perf_counter()
+        e_clean = self.clean_embeddings(dataset)
+        self.timings["clean_embeddings"] = time.perf_counter() - t0
+        # frozen clean predictions, for the paired cross-modal consistency term
+        with torch.no_grad():
+            probs = {
+                m: F.softmax(
+                    ops.head_logits(e, None, None, self.centers, cfg.objective.tau, residual=False),
+                    -1,
+                )
+                for m, e in e_clean.items()
+            }
+        labels = dataset.labels.to(self.device)
+
+        params = [p for p in self.heads.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+        total = cfg.epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        start = self._load(opt, sched) if resume else 0
+        if resume and start == 0 and self._checkpoint_path() is not None:
+            print(f"advcal: no checkpoint in {self.out_dir}; starting from scratch")
+
+        t0 = time.perf_counter()
+        for epoch in range(start, cfg.epochs):
+            gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch))
+            sums: dict[str, float] = {}
+            bar = tqdm(
+                list(dataset.batches(cfg.batch_size, shuffle=True, generator=gen)),
+                desc=f"calibrate epoch {epoch + 1}/{cfg.epochs}",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            for step, idx in enumerate(bar):
+                with nvtx_range("calibration_step"):
+                    parts = self._step(epoch, step, idx, dataset, e_clean, probs, labels, opt)
+                sched.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{parts['loss']:.3f}")
+            self.history.append(
+                {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
+            )
+            self._save(epoch + 1, opt, sched)
+            if progress:
+                h = self.history[-1]
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}: "
+                    + " ".join(f"{k}={v:.4f}" for k, v in h.items() if k != "epoch")
+                )
+            if stop_after is not None and epoch + 1 >= stop_after:
+                break
+        self.timings["train"] = time.perf_counter() - t0
+        self.heads.eval()
+        return self.heads
+
+    def _step(self, epoch, step, idx, dataset, e_clean, probs, labels, opt) -> dict[str, float]:
+        cfg = self.config
+        y = labels[idx]
+        xs = {m: dataset.inputs[m][idx].to(self.device) for m in self.modalities}
+        with self._autocast():
+            x_adv = self._attack(epoch, step)(xs, y)
+            self.heads.train()
+            with torch.no_grad():
+                e_adv = {
+                    m: self.backbone.encode(m, x_adv[m], check=False).float()
+                    for m in self.modalities
+                }
+        total = torch.zeros((), device=self.device)
+        parts: dict[str, float] = {}
+        with nvtx_range("head_loss"):
+            for m in self.modalities:
+                others = [probs[o][idx] for o in self.modalities if o != m]
+                cross = torch.stack(others).mean(0) if others else None
+                loss, p = cfg.objective(
+                    self.heads[m], e_adv[m], e_clean[m][idx], self.centers, y, cross_probs=cross
+                )
+                total = total + loss
+                for k, v in p.items():
+                    parts[k] = parts.get(k, 0.0) + v / len(self.modalities)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        self.heads.eval()
+        parts["loss"] = float(total.detach()) / len(self.modalities)
+        return parts

@@ -1,0 +1,283 @@
+"""Clean and robust zero-shot evaluation, retrieval, eps sweep and the honest-evaluation checks.
+
+Per modality, on the evaluation split:
+
+* clean top-1 / top-5 of ``normalize(head(backbone(x))) @ C^T``;
+* robust top-1 / top-5 under every evaluation attack (PGD-``steps`` with ``restarts`` on the
+  cross-entropy, CrossMaxim-``steps`` on ``-cos(z, c_y)``), adaptive through backbone and head,
+  taking the per-sample worst case over the attacks (a sample is robust only if every attack
+  fails on it);
+* an eps sweep (PGD-``sweep_steps``), the training-strength attack (PGD-``weak_steps``) and a
+  large-eps attack, which feed the sanity checks below.
+
+Sanity checks (every report shows them; a failed one is shown, never hidden):
+
+* ``robust_le_clean``: robust top-1 <= clean top-1 (+ ``noise``).
+* ``monotone_in_eps``: robust top-1 does not rise with eps (beyond ``noise``).
+* ``large_eps_breaks``: at ``large_eps_multiplier`` x eps the attack succeeds on all but
+  ``large_eps_max_acc`` of the samples.
+* ``more_steps_not_higher``: the strong attacks find at least what the training attack finds.
+* ``no_gradient_masking``: the strong attacks do not find much more than the training attack
+  (a gap above ``masking_gap`` points means the head hides gradients, not robustness).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from advcal.attacks import ATTACKS, PGD, ZeroShotClassifier
+from advcal.backbones.base import Backbone
+from advcal.data import MultiModalDataset
+from advcal.heads import CalibrationHeads
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation protocol (written into every report)."""
+
+    attacks: tuple[str, ...] = ("pgd", "crossmaxim")
+    steps: int = 50
+    restarts: int = 2
+    alpha_ratio: float = 0.1
+    eps_scale: float = 1.0  # evaluate at eps_scale x each modality's default eps
+    sweep: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # multiples of the modality's eps
+    sweep_steps: int = 20
+    weak_steps: int = 10  # the training attack, for the gradient-masking check
+    weak_alpha_ratio: float = 0.25
+    large_eps_multiplier: float = 16.0
+    large_eps_max_acc: float = 0.05
+    noise: float = 0.01  # allowed slack (fraction) for the monotonicity checks
+    masking_gap: float = 0.08
+    batch_size: int = 256
+    retrieval: bool = True
+    tau: float = 0.07
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or not self.attacks:
+            raise ValueError(f"unknown attacks {unknown}; choose from {sorted(ATTACKS)}")
+        if self.steps < 1 or self.restarts < 1 or self.batch_size < 1:
+            raise ValueError("EvalConfig needs steps, restarts and batch_size >= 1")
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        object.__setattr__(self, "sweep", tuple(float(s) for s in self.sweep))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample bool: is ``y`` among the top-``k`` logits (k clipped to K)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == y[:, None]).any(1)
+
+
+def recall_at_k(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    q_ids: torch.Tensor,
+    g_ids: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Instance retrieval: for each query, is an item with its id among the top-k of the
+    gallery by cosine similarity. ``query`` (Q, D), ``gallery`` (G, D)."""
+    sim = F.normalize(query.float(), dim=-1) @ F.normalize(gallery.float(), dim=-1).T
+    top = sim.topk(min(max(ks), gallery.shape[0]), dim=1).indices
+    hit = g_ids[top] == q_ids[:, None]
+    return {f"R@{k}": float(hit[:, :k].any(1).float().mean()) for k in ks}
+
+
+class _Model:
+    """Frozen or calibrated chain for one modality, evaluated batch by batch."""
+
+    def __init__(self, backbone, modality, centers, heads, tau):
+        head = heads[modality] if heads is not None else None
+        self.clf = ZeroShotClassifier(backbone, modality, centers, head, tau)
+
+    @torch.no_grad()
+    def logits_and_embed(self, x):
+        e = self.clf.embed(x)
+        z = self.clf.head(e) if self.clf.head is not None else e
+        return self.clf.logits_from_embedding(e), z
+
+
+def evaluate(
+    backbone: Backbone,
+    dataset: MultiModalDataset,
+    centers: torch.Tensor,
+    heads: CalibrationHeads | None = None,
+    *,
+    modalities: Sequence[str] | None = None,
+    config: EvalConfig | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the frozen model (``heads=None``) or the calibrated one. Returns a dict:
+    ``modalities.<m>`` (accuracies as fractions), ``retrieval``, ``sanity``, ``config``."""
+    cfg = config or EvalConfig()
+    device = torch.device(device) if device is not None else centers.device
+    modalities = tuple(modalities or dataset.modalities)
+    for m in modalities:
+        backbone.spec(m)
+        if m not in dataset.inputs:
+            raise ValueError(f"dataset '{dataset.name}' has no modality {m!r}")
+    if heads is not None:
+        missing = [m for m in modalities if m not in heads.modalities]
+        if missing:
+            raise ValueError(f"heads have no head for {missing}")
+    centers = F.normalize(centers.detach().float().to(device), dim=-1)
+    if centers.shape[1] != backbone.embed_dim:
+        raise ValueError(f"centers must be (K, {backbone.embed_dim}), got {tuple(centers.shape)}")
+    y_all = dataset.labels.to(device)
+    n = len(dataset)
+
+    results: dict = {"modalities": {}, "retrieval": {}, "sanity": {}, "config": cfg.as_dict()}
+    embeds: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "adv": {}}
+    work = [(m, b) for m in modalities for b in range(0, n, cfg.batch_size)]
+    bar = tqdm(
+        work,
+        desc="evaluate" + (" (calibrated)" if heads is not None else " (frozen)"),
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    acc: dict[str, dict[str, list]] = {m: {} for m in modalities}
+    for m, start in bar:
+        model = _Model(backbone, m, centers, heads, cfg.tau)
+        spec = backbone.spec(m)
+        eps = spec.check_eps(spec.eps * cfg.eps_scale)
+        sl = slice(start, start + cfg.batch_size)
+        x, y = dataset.inputs[m][sl].to(device), y_all[sl]
+        rec = acc[m]
+
+        def add(key, value, rec=rec):
+            rec.setdefault(key, []).append(value)
+
+        logits, z = model.logits_and_embed(x)
+        add("clean_top1", topk_correct(logits, y, 1))
+        add("clean_top5", topk_correct(logits, y, 5))
+        embeds["clean"].setdefault(m, []).append(z)
+
+        worst1 = torch.ones_like(y, dtype=torch.bool)
+        worst5 = torch.ones_like(y, dtype=torch.bool)
+        worst_x, worst_margin = x.clone(), torch.full_like(y, float("inf"), dtype=torch.float)
+        for i, name in enumerate(cfg.attacks):
+            atk = ATTACKS[name](
+                model.clf,
+                eps=eps,
+                steps=cfg.steps,
+                restarts=cfg.restarts,
+                alpha_ratio=cfg.alpha_ratio,
+                seed=cfg.seed + i,
+            )
+            xa = atk(x, y)
+            la, _ = model.logits_and_embed(xa)
+            c1, c5 = topk_correct(la, y, 1), topk_correct(la, y, 5)
+            add(f"attack_{name}_top1", c1)
+            # keep, per sample, the adversarial input with the lowest true-class margin
+            margin = (
+                la.gather(1, y[:, None]).squeeze(1)
+                - la.scatter(1, y[:, None], -float("inf")).max(1).values
+            )
+            take = margin < worst_margin
+            worst_x[take], worst_margin[take] = xa[take], margin[take]
+            worst1 &= c1
+            worst5 &= c5
+        add("robust_top1", worst1)
+        add("robust_top5", worst5)
+        embeds["adv"].setdefault(m, []).append(model.logits_and_embed(worst_x)[1])
+
+        weak = PGD(
+            model.clf,
+            eps=eps,
+            steps=cfg.weak_steps,
+            alpha_ratio=cfg.weak_alpha_ratio,
+            seed=cfg.seed + 100,
+        )
+        add("weak_top1", topk_correct(model.logits_and_embed(weak(x, y))[0], y, 1))
+        for mult in cfg.sweep:
+            e = spec.check_eps(spec.eps * mult)
+            if abs(mult - cfg.eps_scale) < 1e-9:
+                add(f"sweep_{mult:g}", worst1)  # the full evaluation at this eps
+                continue
+            atk = PGD(
+                model.clf,
+                eps=e,
+                steps=cfg.sweep_steps,
+                alpha_ratio=cfg.weak_alpha_ratio,
+                seed=cfg.seed + 200,
+            )
+            add(f"sweep_{mult:g}", topk_correct(model.logits_and_embed(atk(x, y))[0], y, 1))
+        big = spec.eps * cfg.large_eps_multiplier
+        if spec.range is not None and spec.norm == "linf":
+            big = min(big, spec.range)
+        atk = PGD(
+            model.clf,
+            eps=big,
+            steps=cfg.sweep_steps,
+            alpha_ratio=cfg.weak_alpha_ratio,
+            seed=cfg.seed + 300,
+        )
+        add("large_eps_top1", topk_correct(model.logits_and_embed(atk(x, y))[0], y, 1))
+
+    for m in modalities:
+        spec = backbone.spec(m)
+        r = {k: float(torch.cat(v).float().mean()) for k, v in acc[m].items()}
+        sweep = {f"{spec.eps * mult:.6g}": r.pop(f"sweep_{mult:g}") for mult in cfg.sweep}
+        results["modalities"][m] = {
+            **{k: r[k] for k in ("clean_top1", "clean_top5", "robust_top1", "robust_top5")},
+            "eps": spec.eps * cfg.eps_scale,
+            "norm": spec.norm,
+            "space": spec.space,
+            "attacks": {a: r[f"attack_{a}_top1"] for a in cfg.attacks},
+            "weak_top1": r["weak_top1"],
+            "sweep": sweep,
+            "large_eps": spec.eps * cfg.large_eps_multiplier,
+            "large_eps_top1": r["large_eps_top1"],
+        }
+    for kind in ("clean", "adv"):
+        embeds[kind] = {m: torch.cat(v) for m, v in embeds[kind].items()}
+    if cfg.retrieval:
+        results["retrieval"] = _retrieval(embeds, dataset, centers, modalities, device)
+    results["sanity"] = sanity_checks(results["modalities"], cfg)
+    return results
+
+
+def _retrieval(embeds, dataset, centers, modalities, device) -> dict:
+    """R@1/5/10: instance retrieval between paired modalities (query clean, gallery clean or
+    attacked), and text -> modality (query = class center, hit = an item of that class)."""
+    ids = dataset.ids.to(device)
+    labels = dataset.labels.to(device)
+    out: dict[str, dict] = {}
+    anchor = modalities[0]
+    for m in modalities[1:]:
+        for kind in ("clean", "adv"):
+            out.setdefault(f"{anchor}->{m}", {})[kind] = recall_at_k(
+                embeds["clean"][anchor], embeds[kind][m], ids, ids
+            )
+    classes = torch.arange(centers.shape[0], device=device)
+    for m in modalities:
+        for kind in ("clean", "adv"):
+            out.setdefault(f"text->{m}", {})[kind] = recall_at_k(
+                centers, embeds[kind][m], classes, labels
+            )
+    return out
+
+
+def sanity_checks(per_modality: dict, cfg: EvalConfig) -> dict[str, bool]:
+    """The honest-evaluation checks of DESIGN.md, per modality (``<check>.<modality>``)."""
+    out: dict[str, bool] = {}
+    for m, r in per_modality.items():
+        sweep = [r["sweep"][k] for k in sorted(r["sweep"], key=float)]
+        out[f"robust_le_clean.{m}"] = r["robust_top1"] <= r["clean_top1"] + cfg.noise
+        out[f"monotone_in_eps.{m}"] = all(b <= a + cfg.noise for a, b in itertools.pairwise(sweep))
+        out[f"large_eps_breaks.{m}"] = r["large_eps_top1"] <= cfg.large_eps_max_acc
+        out[f"more_steps_not_higher.{m}"] = r["robust_top1"] <= r["weak_top1"] + cfg.noise
+        out[f"no_gradient_masking.{m}"] = r["weak_top1"] - r["robust_top1"] <= cfg.masking_gap
+    return out

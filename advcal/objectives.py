@@ -1,0 +1,142 @@
+"""The calibration objectives, on adversarial inputs (``e_clean`` is the frozen clean embedding,
+a constant; ``z`` the calibrated adversarial embedding; ``C`` the fixed unit-norm centers).
+
+* :func:`fixed_center_ce`: cross-entropy of ``cos(z, C) / tau`` against the label.
+* :func:`l2_alignment`: ``|| normalize(z) - normalize(e_clean) ||^2`` (mean over the batch).
+* :func:`infonce`: contrastive loss between ``z_i`` and ``normalize(e_clean_j)`` over the batch.
+* :func:`modality_consistency`: ``KL(p_clean || p_adv)`` over the centers: keeps each calibrated
+  modality's predictions consistent with the frozen shared space (the reference prediction can be
+  the same instance's prediction in the *other* modalities, when a batch pairs them).
+
+:class:`Objective` is their weighted sum; a weight of 0 drops a term (ablations).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from advcal import ops
+from advcal.heads import Head
+
+
+def _check(z: torch.Tensor, centers: torch.Tensor | None = None, labels=None) -> None:
+    if z.dim() != 2:
+        raise ValueError(f"embeddings must be (B, D), got {tuple(z.shape)}")
+    if centers is not None and (centers.dim() != 2 or centers.shape[1] != z.shape[1]):
+        raise ValueError(
+            f"centers must be (K, {z.shape[1]}) to match the embeddings, got {tuple(centers.shape)}"
+        )
+    if labels is not None and labels.shape != (z.shape[0],):
+        raise ValueError(f"labels must be ({z.shape[0]},), got {tuple(labels.shape)}")
+
+
+def fixed_center_ce(
+    z: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, tau: float = 0.07
+) -> torch.Tensor:
+    """Mean CE of ``normalize(z) @ C^T / tau``. ``z`` (B, D), ``C`` (K, D) unit rows."""
+    _check(z, centers, labels)
+    return ops.head_ce(z, None, None, centers, labels, tau, residual=False)
+
+
+def l2_alignment(z: torch.Tensor, e_clean: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``||normalize(z) - normalize(e_clean)||^2`` (in [0, 4])."""
+    _check(z)
+    target = F.normalize(e_clean.detach().float(), dim=-1)
+    return (F.normalize(z.float(), dim=-1) - target).pow(2).sum(-1).mean()
+
+
+def infonce(z: torch.Tensor, e_clean: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    """Clean-adversarial InfoNCE: row ``i`` of ``z`` must pick ``e_clean[i]`` among the batch."""
+    _check(z)
+    return ops.infonce(z, e_clean.detach(), tau)
+
+
+def modality_consistency(
+    z: torch.Tensor,
+    reference: torch.Tensor,
+    centers: torch.Tensor,
+    tau: float = 0.07,
+    *,
+    reference_is_prob: bool = False,
+) -> torch.Tensor:
+    """``KL(p_ref || p_adv)``, batch mean. ``reference`` is the frozen clean embedding (B, D),
+    or already a distribution over the K centers (``reference_is_prob=True``)."""
+    _check(z, centers)
+    log_p_adv = F.log_softmax(ops.head_logits(z, None, None, centers, tau, residual=False), -1)
+    if reference_is_prob:
+        p_ref = reference.detach().float()
+    else:
+        logits = ops.head_logits(reference.detach(), None, None, centers, tau, residual=False)
+        p_ref = F.softmax(logits, -1)
+    return F.kl_div(log_p_adv, p_ref, reduction="batchmean")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Weighted sum of the four objectives. Weights >= 0; at least one positive."""
+
+    ce: float = 1.0
+    l2: float = 1.0
+    infonce: float = 0.5
+    consistency: float = 0.0
+    tau: float = 0.07
+
+    def __post_init__(self) -> None:
+        weights = (self.ce, self.l2, self.infonce, self.consistency)
+        if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
+            raise ValueError(f"Objective weights must be finite, >= 0, one positive; got {weights}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __call__(
+        self,
+        head: Head,
+        e_adv: torch.Tensor,
+        e_clean: torch.Tensor,
+        centers: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        cross_probs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of ``head`` on frozen adversarial embeddings ``e_adv`` (B, D).
+
+        ``cross_probs`` (B, K): the frozen clean prediction of the same instances in the other
+        modalities, when the batch pairs them; it adds the paired cross-modal consistency term.
+        Returns the loss and its parts (floats, for logging).
+        """
+        _check(e_adv, centers, labels)
+        z = head(e_adv)
+        parts: dict[str, torch.Tensor] = {}
+        if self.ce:
+            fused = head.fused()
+            if fused is not None:  # one kernel: projection + normalisation + CE
+                w, b, residual = fused
+                parts["ce"] = ops.head_ce(e_adv, w, b, centers, labels, self.tau, residual=residual)
+            else:
+                parts["ce"] = fixed_center_ce(z, centers, labels, self.tau)
+        if self.l2:
+            parts["l2"] = l2_alignment(z, e_clean)
+        if self.infonce:
+            parts["infonce"] = infonce(z, e_clean, self.tau)
+        if self.consistency:
+            term = modality_consistency(z, e_clean, centers, self.tau)
+            if cross_probs is not None:
+                term = term + modality_consistency(
+                    z, cross_probs, centers, self.tau, reference_is_prob=True
+                )
+            parts["consistency"] = term
+        weights = {
+            "ce": self.ce,
+            "l2": self.l2,
+            "infonce": self.infonce,
+            "consistency": self.consistency,
+        }
+        loss = sum(weights[k] * v for k, v in parts.items())
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
