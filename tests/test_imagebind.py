@@ -257,7 +257,7 @@ def test_pgd_step_through_tiny_model(tiny_backbone):
         assert torch.isfinite(g).all() and g.abs().sum() > 0
         x = x.detach()
         pgd_step_(x, g, x0, alpha=spec.eps / 4, eps=spec.eps, lo=spec.lo, hi=spec.hi)
-    assert (x - x0).abs().max() <= spec.eps + 1e-7 and 0 <= x.min() and x.max() <= 1
+    assert (x - x0).abs().max() <= spec.eps + 1e-7 and x.min() >= 0 and x.max() <= 1
     assert not any(p.grad is not None for p in bb.parameters())
     wave = (torch.rand(1, 8000) * 2 - 1).requires_grad_(True)  # waveform attack path
     (gw,) = torch.autograd.grad(bb.encode("audio", wave).sum(), wave)
