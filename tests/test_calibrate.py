@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from advcal.calibrate import CHECKPOINT, CalibConfig, Calibrator
+from advcal.data import MultiModalDataset
+from advcal.objectives import Objective
+
+CFG = CalibConfig(epochs=3, batch_size=32, attack_steps=2, head_kind="residual_linear",
+                  objective=Objective(consistency=0.5))
+
+
+def _fit(toy, out=None, **kw):
+    bb, centers, ds = toy
+    cal = Calibrator(bb, centers, ["img", "vec"], CFG, out_dir=out)
+    return cal, cal.fit(ds, progress=False, **kw)
+
+
+def test_heads_move_and_backbone_stays_frozen(toy):
+    bb, _, _ = toy
+    frozen = {k: v.clone() for k, v in bb.state_dict().items()}
+    cal, heads = _fit(toy)
+    assert any(p.abs().sum() > 0 for p in heads.parameters()), "heads were trained"
+    assert all(torch.equal(v, bb.state_dict()[k]) for k, v in frozen.items())
+    assert not any(p.requires_grad for p in bb.parameters())
+    assert len(cal.history) == 3 and {"ce", "l2", "infonce", "consistency"} <= set(
+        cal.history[0])
+
+
+def test_resume_after_interruption_matches_uninterrupted(toy, tmp_path):
+    _, straight = _fit(toy, tmp_path / "a")
+    _, first = _fit(toy, tmp_path / "b", stop_after=1)  # "interrupted" after epoch 1
+    assert (tmp_path / "b" / CHECKPOINT).is_file()
+    assert not all(torch.equal(a, b) for a, b in
+                   zip(first.state_dict().values(), straight.state_dict().values(), strict=True))
+    _, resumed = _fit(toy, tmp_path / "b", resume=True)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_errors(toy, tmp_path):
+    bb, centers, ds = toy
+    (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
+    cal = Calibrator(bb, centers, ["img"], CFG, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="corrupt"):
+        cal.fit(ds, resume=True, progress=False)
+    _fit(toy, tmp_path / "c", stop_after=1)
+    other = Calibrator(bb, centers, ["img", "vec"], CalibConfig(epochs=4), out_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="different config"):
+        other.fit(ds, resume=True, progress=False)
+
+
+def test_bad_inputs(toy):
+    bb, centers, ds = toy
+    with pytest.raises(ValueError, match="unknown modality 'audio'"):
+        Calibrator(bb, centers, ["audio"])
+    with pytest.raises(ValueError, match="centers must be"):
+        Calibrator(bb, torch.randn(4, 3), ["img"])
+    with pytest.raises(ValueError, match="epochs"):
+        CalibConfig(epochs=0)
+    with pytest.raises(ValueError, match="is empty"):
+        MultiModalDataset({"img": ds.inputs["img"][:0]}, ds.labels[:0], ds.class_names)
+    cal = Calibrator(bb, centers, ["img"], CFG)
+    with pytest.raises(ValueError, match="lacks modalities"):
+        cal.fit(ds.select(["vec"]), progress=False)
+    bad = ds.select(["img"])
+    bad.inputs["img"] = bad.inputs["img"].clone()
+    bad.inputs["img"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cal.fit(bad, progress=False)
