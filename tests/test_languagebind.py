@@ -254,7 +254,7 @@ def test_pgd_step_through_every_tower(fx, audio_input: str) -> None:
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, m
         x_adv = x0.clone()
         pgd_step_([x_adv], [grad], [x0], alpha=spec.eps / 4, eps=spec.eps, lo=spec.lo, hi=spec.hi)
-        assert (x_adv - x0).abs().max() <= spec.eps * (1 + 1e-6)
+        assert (x_adv - x0).abs().max() <= spec.eps + 1e-6 * x0.abs().max()  # fp32 rounding
         if spec.lo is not None:
             assert x_adv.min() >= spec.lo and x_adv.max() <= spec.hi
 

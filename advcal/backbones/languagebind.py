@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -529,13 +529,17 @@ def load_state_dict_checked(
     *,
     what: str,
     optional: Sequence[str] = ("position_ids", "num_batches_tracked"),
+    only: Callable[[str], bool] | None = None,
 ) -> None:
     """Strict, shape-checked load with one clear error naming missing/unexpected/mismatched keys.
 
     Keys ending in one of ``optional`` may be absent (they are recomputed buffers). Works for a
-    module built on the ``meta`` device: tensors are assigned, not copied.
+    module built on the ``meta`` device: tensors are assigned, not copied. ``only`` restricts the
+    check and the load to the module keys it accepts (a part of a larger model).
     """
     own = module.state_dict(keep_vars=True)
+    if only is not None:
+        own = {k: v for k, v in own.items() if only(k)}
     missing = [k for k in own if k not in sd and not k.endswith(tuple(optional))]
     unexpected = [k for k in sd if k not in own]
     bad = [
@@ -566,7 +570,7 @@ def load_state_dict_checked(
             if t.is_meta:
                 raise ValueError(f"{what}: buffer {k} absent from checkpoint and not recomputable")
             full[k] = t.detach()
-    module.load_state_dict(full, strict=True, assign=True)
+    module.load_state_dict(full, strict=only is None, assign=True)
 
 
 def _meta_safe_buffers(model: nn.Module) -> None:
