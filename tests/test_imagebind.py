@@ -282,6 +282,19 @@ def test_bf16_autocast_and_sdpa_vs_math(tiny_backbone):
     assert (low.float() - ref).abs().max() < 0.1
 
 
+def test_compiles_fullgraph(tiny_backbone):
+    bb = tiny_backbone
+    S = bb.config.image_size
+    x = torch.rand(2, 3, S, S, requires_grad=True)
+    f = torch.compile(
+        lambda t: bb.encode("image", t, check=False), fullgraph=True, backend="aot_eager"
+    )
+    out = f(x)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, bb.encode("image", x), **FP32)
+    assert torch.isfinite(g).all()
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     torch.manual_seed(1)
@@ -300,6 +313,11 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
             bb = backbones.load("imagebind_huge", checkpoint=path, config=conf)
             torch.testing.assert_close(bb.encode("image", x), want, rtol=0, atol=0)
             assert not any(p.requires_grad for p in bb.parameters())
+    single = tmp_path / "single"
+    single.mkdir()
+    st.rename(single / st.name)  # a directory holding one checkpoint file works too
+    bb = backbones.load("imagebind_huge", checkpoint=single, config=cfg)
+    torch.testing.assert_close(bb.encode("image", x), want, rtol=0, atol=0)
     # a wrapped dict is unwrapped
     torch.save({"model": sd}, tmp_path / "wrapped.pt")
     assert set(read_checkpoint(tmp_path / "wrapped.pt")) == set(sd)
