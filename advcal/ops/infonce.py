@@ -3,13 +3,19 @@
 ``loss = mean_i CE(normalize(z_adv_i) . normalize(z_clean_j) / tau over j, target i)``;
 ``symmetric=True`` averages with the transposed direction.
 
-(Reference implementation; the tiled Triton path lands behind the same function.)
+Backends: ``triton`` (CUDA tensors; ``advcal::infonce_fwd`` / ``advcal::infonce_bwd`` custom ops
+whose CUDA kernels run the tiled kernels of :mod:`advcal.kernels.infonce` -- the ``B x B``
+similarity matrix never reaches global memory, only per-row log-sum-exps -- and whose CPU kernels
+are the same math in plain PyTorch) and ``ref`` (:func:`infonce_ref`, the CPU default).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from advcal.ops import _dispatch
+from advcal.ops.head_ce import triton_general, triton_why_not
 
 NORM_EPS = 1e-12
 
@@ -27,5 +33,193 @@ def infonce_ref(
     return loss
 
 
-def infonce(z_adv, z_clean, tau, *, symmetric=False):
-    return infonce_ref(z_adv, z_clean, tau, symmetric=symmetric)
+def _validate(z_adv: torch.Tensor, z_clean: torch.Tensor, tau: float) -> None:
+    if z_adv.dim() != 2:
+        raise ValueError(f"z_adv must be (B, D), got shape {tuple(z_adv.shape)}")
+    if z_clean.shape != z_adv.shape:
+        raise ValueError(f"z_clean must match z_adv {tuple(z_adv.shape)}, got "
+                         f"{tuple(z_clean.shape)}")  # fmt: skip
+    if z_clean.device != z_adv.device:
+        raise ValueError(f"z_clean is on {z_clean.device} but z_adv is on {z_adv.device}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+
+
+def _weights(bsz: int, symmetric: bool) -> tuple[float, float]:
+    """Per-term weights of ``sum_i (lse_row_i - S_ii)`` and ``sum_j (lse_col_j - S_jj)``."""
+    return (0.5 / bsz, 0.5 / bsz) if symmetric else (1.0 / bsz, 0.0)
+
+
+def _loss(cos: torch.Tensor, lse_r: torch.Tensor, lse_c: torch.Tensor | None, tau: float):
+    loss = (lse_r - cos / tau).mean()
+    if lse_c is not None:
+        loss = 0.5 * (loss + (lse_c - cos / tau).mean())
+    return loss
+
+
+# ------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op(
+    "advcal::infonce_fwd",
+    mutates_args=(),
+    schema="(Tensor z_adv, Tensor z_clean, float tau, bool symmetric) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def infonce_fwd(
+    z_adv: torch.Tensor, z_clean: torch.Tensor, tau: float, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss (), 1/|a| (B,), 1/|c| (B,), lse_row (B,), lse_col (B,) or empty)``, fp32.
+
+    This body is the CPU kernel (materialises S: it is the reference math, not the tiling)."""
+    a, c = z_adv.float(), z_clean.float()
+    rn_a = 1.0 / a.norm(dim=-1).clamp_min(NORM_EPS)
+    rn_c = 1.0 / c.norm(dim=-1).clamp_min(NORM_EPS)
+    s = (a * rn_a[:, None]) @ (c * rn_c[:, None]).T / tau
+    cos = s.diagonal() * tau
+    lse_r = s.logsumexp(-1)
+    lse_c = s.logsumexp(0) if symmetric else a.new_empty(0)
+    return _loss(cos, lse_r, lse_c if symmetric else None, tau), rn_a, rn_c, lse_r, lse_c
+
+
+@infonce_fwd.register_fake
+def _infonce_fwd_fake(z_adv, z_clean, tau, symmetric):
+    bsz = z_adv.shape[0]
+    f = torch.float32
+    vec = [z_adv.new_empty((bsz,), dtype=f) for _ in range(3)]
+    lse_c = z_adv.new_empty((bsz,) if symmetric else (0,), dtype=f)
+    return z_adv.new_empty((), dtype=f), vec[0], vec[1], vec[2], lse_c
+
+
+@infonce_fwd.register_kernel("cuda")
+def _infonce_fwd_cuda(z_adv, z_clean, tau, symmetric):
+    from advcal.kernels import infonce as kernels
+
+    rn_a, rn_c, cos = kernels.row_stats(z_adv, z_clean)
+    lse_r = kernels.lse(z_adv, z_clean, rn_a, rn_c, tau)
+    lse_c = kernels.lse(z_clean, z_adv, rn_c, rn_a, tau) if symmetric else None
+    loss = _loss(cos, lse_r, lse_c, tau)
+    return loss, rn_a, rn_c, lse_r, lse_c if symmetric else lse_r.new_empty(0)
+
+
+def _normalize_bwd(x: torch.Tensor, rn: torch.Tensor, dxn: torch.Tensor) -> torch.Tensor:
+    """F.normalize backward: ``(dxn - xn (xn . dxn)) / |x|``; ``dxn / eps`` where clamped."""
+    xn = x * rn[:, None]
+    unclamped = x.norm(dim=-1, keepdim=True) >= NORM_EPS
+    xdx = torch.where(unclamped, (xn * dxn).sum(-1, keepdim=True), 0.0)
+    return (dxn - xn * xdx) * rn[:, None]
+
+
+@torch.library.custom_op(
+    "advcal::infonce_bwd",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor z_adv, Tensor z_clean, Tensor rn_a, Tensor rn_c, Tensor lse_r, "
+    "Tensor lse_c, float tau, bool symmetric, bool need_adv, bool need_clean) -> (Tensor, Tensor)",
+)
+def infonce_bwd(
+    grad: torch.Tensor,
+    z_adv: torch.Tensor,
+    z_clean: torch.Tensor,
+    rn_a: torch.Tensor,
+    rn_c: torch.Tensor,
+    lse_r: torch.Tensor,
+    lse_c: torch.Tensor,
+    tau: float,
+    symmetric: bool,
+    need_adv: bool,
+    need_clean: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d z_adv, d z_clean)`` in the inputs' dtypes (empty where not needed). CPU kernel:
+    ``dS = g (w_r (P - I) + w_c (Q - I))``, P/Q the row/column softmaxes of S."""
+    a, c = z_adv.float(), z_clean.float()
+    an, cn = a * rn_a[:, None], c * rn_c[:, None]
+    s = an @ cn.T / tau
+    w_r, w_c = _weights(a.shape[0], symmetric)
+    eye = torch.eye(a.shape[0], dtype=s.dtype, device=s.device)
+    ds = w_r * ((s - lse_r[:, None]).exp() - eye)
+    if symmetric:
+        ds = ds + w_c * ((s - lse_c[None, :]).exp() - eye)
+    ds = ds * grad.float()
+    da = _normalize_bwd(a, rn_a, ds @ cn / tau).to(z_adv.dtype) if need_adv else a.new_empty(0)
+    dc = (
+        _normalize_bwd(c, rn_c, ds.T @ an / tau).to(z_clean.dtype) if need_clean else a.new_empty(0)
+    )
+    return da, dc
+
+
+@infonce_bwd.register_fake
+def _infonce_bwd_fake(grad, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, tau, symmetric,
+                      need_adv, need_clean):  # fmt: skip
+    da = z_adv.new_empty(z_adv.shape if need_adv else (0,))
+    dc = z_clean.new_empty(z_clean.shape if need_clean else (0,))
+    return da, dc
+
+
+@infonce_bwd.register_kernel("cuda")
+def _infonce_bwd_cuda(grad, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, tau, symmetric,
+                      need_adv, need_clean):  # fmt: skip
+    from advcal.kernels import infonce as kernels
+
+    w_r, w_c = _weights(z_adv.shape[0], symmetric)
+    lse_c_opt = lse_c if symmetric else None
+    da, dc = z_adv.new_empty(0), z_adv.new_empty(0)  # distinct: outputs may not alias
+    if need_adv:  # anchors a_i: row term (w_r, lse_r) + column term (w_c, lse_c)
+        da = kernels.grad(z_adv, z_clean, rn_a, rn_c, lse_r, lse_c_opt, grad, w_r, w_c, tau)
+    if need_clean:  # anchors c_j: the same with the roles of rows and columns swapped
+        dc = kernels.grad(z_clean, z_adv, rn_c, rn_a, lse_c_opt, lse_r, grad, w_c, w_r, tau)
+    return da, dc
+
+
+def _infonce_setup_context(ctx, inputs, output) -> None:
+    z_adv, z_clean, tau, symmetric = inputs
+    _, rn_a, rn_c, lse_r, lse_c = output
+    ctx.save_for_backward(z_adv, z_clean, rn_a, rn_c, lse_r, lse_c)
+    ctx.tau, ctx.symmetric = tau, symmetric
+    ctx.mark_non_differentiable(rn_a, rn_c, lse_r, lse_c)
+
+
+def _infonce_backward(ctx, grad_loss, *_unused):
+    z_adv, z_clean, rn_a, rn_c, lse_r, lse_c = ctx.saved_tensors
+    need_adv, need_clean = ctx.needs_input_grad[:2]
+    da, dc = torch.ops.advcal.infonce_bwd(
+        grad_loss, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, ctx.tau, ctx.symmetric,
+        need_adv, need_clean,
+    )  # fmt: skip
+    return (da if need_adv else None, dc if need_clean else None, None, None)
+
+
+infonce_fwd.register_autograd(_infonce_backward, setup_context=_infonce_setup_context)
+
+
+# ------------------------------------------------------------------------- dispatch + API
+
+
+def _infonce_op(z_adv, z_clean, tau, *, symmetric=False):
+    return torch.ops.advcal.infonce_fwd(z_adv, z_clean, float(tau), symmetric)[0]
+
+
+def _why_not_infonce(z_adv, z_clean, *args, **kwargs) -> str | None:
+    return triton_why_not({"z_adv": z_adv, "z_clean": z_clean}, z_adv.shape[-1])
+
+
+_why_not_infonce.general = triton_general  # for `advcal info`
+
+
+def _always(*args, **kwargs) -> str | None:
+    return None
+
+
+_dispatch.register(
+    "infonce", [_dispatch.Backend("triton", _infonce_op, _why_not_infonce),
+                _dispatch.Backend("ref", infonce_ref, _always)],
+)  # fmt: skip
+
+
+def infonce(
+    z_adv: torch.Tensor, z_clean: torch.Tensor, tau: float, *, symmetric: bool = False
+) -> torch.Tensor:
+    """InfoNCE between ``z_adv (B, D)`` and ``z_clean (B, D)`` (normalised inside; pair i is the
+    positive of row i), temperature ``tau``; 0-dim fp32. Gradients to both inputs (pass a
+    detached ``z_clean`` for the usual stop-gradient: its backward kernel is then skipped)."""
+    _validate(z_adv, z_clean, tau)
+    return _dispatch.call("infonce", z_adv, z_clean, tau, symmetric=symmetric)

@@ -1,0 +1,76 @@
+"""Helpers shared by the Triton kernels of advcal (imports Triton: import only when available).
+
+Two facts shape every kernel here:
+
+* Rows are held whole. The fused ops normalise a row (``z / max(||z||, eps)``) and need
+  ``u . du`` over the full row in the backward, so a program owns ``BLOCK_M`` complete rows of
+  width ``D_PAD = next_pow2(D)`` in registers (like FlashAttention owns full head-dim rows).
+  ``D_PAD`` is capped at :data:`MAX_D_PAD`; wider rows go to the reference.
+* The Triton interpreter (``TRITON_INTERPRET=1``, CPU CI) computes ``tl.dot`` of bf16/fp16
+  operands wrongly (checked with Triton 3.9: errors of 1e10 on unit-scale inputs), so under the
+  interpreter :func:`mma` upcasts the operands to fp32 first. bf16 values are exact in fp32 and
+  the GPU path accumulates in fp32 too, so the interpreter still checks the kernel's logic.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Full rows live in registers; 1024 covers ImageBind/UniBind (1024) and LanguageBind (768).
+MAX_D_PAD = 1024
+NORM_EPS = 1e-12
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def d_pad(d: int) -> int:
+    """Register width of a row: a power of two, at least 16 (the smallest ``tl.dot`` side)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def full_row_block(dp: int) -> tuple[int, int]:
+    """``(BLOCK_M, num_warps)`` for kernels that keep ``BLOCK_M x dp`` fp32 accumulators.
+
+    Budget: ~64 fp32 registers per thread for the accumulator, like FlashAttention at head
+    dim 256 with 64 rows: 16 rows x 1024 over 8 warps = 64 per thread.
+    """
+    if dp >= 512:
+        return 16, 8
+    if dp >= 256:
+        return 32, 8
+    return 64, 4
+
+
+def check_device(*tensors: torch.Tensor | None) -> None:
+    """Launchers take CUDA tensors, or CPU tensors under the interpreter."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"Triton launcher got a {t.device.type} tensor; use CUDA tensors or set "
+                "TRITON_INTERPRET=1 before importing triton"
+            )
+
+
+@triton.jit
+def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    IEEE: exact fp32 products for fp32 inputs (no TF32), so fp32 matches the fp32 reference.
+    UPCAST: interpreter work-around (see module docstring)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

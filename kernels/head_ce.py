@@ -1,0 +1,334 @@
+"""Triton kernels of the head chain: projection, L2 normalisation, logits against fixed
+centers, online-LSE cross-entropy / target cosine, and the normalisation backward.
+
+Shapes: ``e (B, Din)``, ``W (D, Din)``, ``b (D,)``, ``z = [e +] e W^T + b (B, D)``,
+``u = z / max(||z||, 1e-12)``, centers ``C (K, D)``, ``s = u C^T / tau (B, K)``.
+``s`` is never written to global memory on the loss path.
+
+Kernels (fwd+bwd of ``head_ce`` = 2 Triton launches + 3 cuBLAS calls in the op layer):
+
+1. ``_project_kernel`` -- tiled GEMM ``z = [e +] e W^T + b``, fp32 accumulate, fused residual
+   and bias epilogue; grid ``(B/BM, D/BN)``.
+   FLOPs ``2 B D Din``; traffic: read ``e`` (B Din s), ``W`` (D Din s, from L2 for every
+   row block), write ``z`` fp32 (4 B D).
+2. ``_head_rows_kernel`` -- one program owns ``BLOCK_M`` whole rows of ``z``: norm, ``u``, then
+   ONE pass over K in ``BLOCK_K`` tiles with an online log-sum-exp (FlashAttention with
+   ``Q = u``, ``K = V = C``): ``s = u C^T``, running max/sum, and ``pc = softmax(s) C``
+   accumulated in fp32 (the only thing the backward needs besides ``z``: ``dL/du =
+   g/tau (pc - c_y)``). Target term ``cos(z, c_y)`` from a gathered row of C.
+   FLOPs ``2 B K D`` (logits) ``+ 2 B K D`` (pc, when gradients are needed); traffic: read
+   ``z`` (4 B D), ``C`` (K D s per row block, L2-resident: 2 MB at K=1000, D=1024, bf16),
+   ``C[y]`` (B D s); write loss (4 B) and ``pc`` (4 B D). No ``B x K`` buffer.
+   Modes: CE (loss rows), LOGITS (writes ``s`` for the evaluator), COS (``cos(z, c_y)``).
+3. ``_head_bwd_kernel`` -- per row block: ``du`` (CE: ``g/tau (pc - c_y)``; LOGITS:
+   ``dlogits C / tau``, a tile loop over K; COS: ``g c_y``), then the normalisation backward
+   ``dz = (du - u (u.du)) / ||z||`` (``du / eps`` where the norm is clamped), written in the
+   compute dtype for the cuBLAS weight-gradient GEMMs that follow
+   (``de = dz [+ dz W]``, ``dW = dz^T e``, ``db = sum dz``: ``4 B D Din`` FLOPs).
+   Traffic: read ``z``, ``pc`` (4 B D each), ``C[y]``; write ``dz`` (B D s).
+
+Total fwd+bwd FLOPs (residual head): ``6 B D^2 + 4 B K D`` -- the same as eager PyTorch (whose
+backward does ``dlogits @ C``), in 5 launches instead of ~25. Accumulation (norms, LSE, pc,
+dlogits, weight gradients) is fp32 for every input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from advcal.kernels._common import (
+    NORM_EPS,
+    TL_DTYPES,
+    check_device,
+    d_pad,
+    full_row_block,
+    interpreting,
+    mma,
+)
+
+MODE_CE, MODE_LOGITS, MODE_COS = 0, 1, 2
+
+
+@triton.jit
+def _project_kernel(
+    E, W, Bias, Z,
+    M, N, KD,
+    stride_em, stride_wn, stride_zm,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < M
+    mn = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_W:
+        for k0 in range(0, KD, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < KD
+            a = tl.load(
+                E + rm[:, None] * stride_em + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0
+            ).to(CDT)
+            # W^T tile [BLOCK_K, BLOCK_N] read straight from the row-major (N, KD) weight
+            wt = tl.load(
+                W + rn[None, :] * stride_wn + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0
+            ).to(CDT)
+            acc = mma(a, wt, acc, IEEE, UPCAST)
+    mask = mm[:, None] & mn[None, :]
+    if RESIDUAL or not HAS_W:  # the identity part (residual head, or no weight at all)
+        acc += tl.load(E + rm[:, None] * stride_em + rn[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+    if HAS_B:
+        acc += tl.load(Bias + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(Z + rm[:, None] * stride_zm + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _load_rows(Z, rm, rd, mm, md, stride_zm, EPS: tl.constexpr):
+    """Whole fp32 rows of z -> (z, 1/max(||z||, eps), ||z|| >= eps)."""
+    z = tl.load(
+        Z + rm[:, None] * stride_zm + rd[None, :], mask=mm[:, None] & md[None, :], other=0.0
+    )
+    nrm = tl.sqrt(tl.sum(z * z, axis=1))
+    return z, 1.0 / tl.maximum(nrm, EPS), nrm >= EPS
+
+
+@triton.jit
+def _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm):
+    """Rows ``C[y]`` (fp32) and whether each label is in range (out-of-range rows -> NaN out)."""
+    y = tl.load(Y + rm, mask=mm, other=0)
+    ok = (y >= 0) & (y < K)
+    cy = tl.load(
+        C + y[:, None] * stride_cm + rd[None, :], mask=(mm & ok)[:, None] & md[None, :], other=0.0
+    ).to(tl.float32)
+    return cy, ok
+
+
+@triton.jit
+def _head_rows_kernel(
+    Z, C, Y, OUT, PC,
+    B, K, D,
+    stride_zm, stride_cm, stride_om, stride_pm,
+    inv_tau,
+    MODE: tl.constexpr, WITH_PC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, D_PAD)
+    mm = rm < B
+    md = rd < D
+    z, rn, _ = _load_rows(Z, rm, rd, mm, md, stride_zm, EPS)
+    u = z * rn[:, None]  # [BLOCK_M, D_PAD] fp32, unit rows
+    if MODE != 1:
+        cy, ok = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
+        cos = tl.sum(u * cy, axis=1)
+    if MODE == 2:
+        tl.store(OUT + rm, tl.where(ok, cos, float("nan")), mask=mm)
+    else:
+        uc = u.to(CDT)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < K
+            c = tl.load(
+                C + rk[:, None] * stride_cm + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0
+            ).to(CDT)  # [BLOCK_K, D_PAD]
+            s = mma(uc, tl.trans(c), tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), IEEE, UPCAST)
+            s = s * inv_tau
+            if MODE == 1:
+                tl.store(
+                    OUT + rm[:, None] * stride_om + rk[None, :], s, mask=mm[:, None] & mk[None, :]
+                )
+            else:
+                s = tl.where(mk[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile has a k < K
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if WITH_PC:
+                    acc = mma(p.to(CDT), c, acc * alpha[:, None], IEEE, UPCAST)
+                m_i = m_new
+        if MODE == 0:
+            lse = m_i + tl.log(l_i)
+            tl.store(OUT + rm, tl.where(ok, lse - cos * inv_tau, float("nan")), mask=mm)
+            if WITH_PC:
+                tl.store(
+                    PC + rm[:, None] * stride_pm + rd[None, :],
+                    acc / l_i[:, None],
+                    mask=mm[:, None] & md[None, :],
+                )
+
+
+@triton.jit
+def _head_bwd_kernel(
+    Z, C, Y, PC, GL, GR, DZ,
+    B, K, D,
+    stride_zm, stride_cm, stride_pm, stride_glm, stride_glk, stride_gr, stride_dm,
+    inv_tau,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, D_PAD)
+    mm = rm < B
+    md = rd < D
+    mask = mm[:, None] & md[None, :]
+    z, rn, unclamped = _load_rows(Z, rm, rd, mm, md, stride_zm, EPS)
+    u = z * rn[:, None]
+    if MODE == 1:  # du = dlogits @ C / tau, tiles over K
+        du = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mk = rk < K
+            gl = tl.load(
+                GL + rm[:, None] * stride_glm + rk[None, :] * stride_glk,
+                mask=mm[:, None] & mk[None, :],
+                other=0.0,
+            ).to(CDT)
+            c = tl.load(
+                C + rk[:, None] * stride_cm + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0
+            ).to(CDT)
+            du = mma(gl, c, du, IEEE, UPCAST)
+        du = du * inv_tau
+    else:
+        g = tl.load(GR + rm * stride_gr, mask=mm, other=0.0).to(tl.float32)
+        cy, _ = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
+        if MODE == 0:  # d CE / du = g / tau (softmax(s) C - c_y)
+            pc = tl.load(PC + rm[:, None] * stride_pm + rd[None, :], mask=mask, other=0.0)
+            du = (pc - cy) * (g * inv_tau)[:, None]
+        else:  # d cos(z, c_y) / du = g c_y
+            du = cy * g[:, None]
+    # F.normalize backward: the norm's gradient flows only where the clamp is inactive
+    udu = tl.where(unclamped, tl.sum(u * du, axis=1), 0.0)
+    dz = (du - u * udu[:, None]) * rn[:, None]
+    tl.store(DZ + rm[:, None] * stride_dm + rd[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------- launchers
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    return {
+        "CDT": TL_DTYPES[dtype],
+        "IEEE": dtype == torch.float32,
+        "UPCAST": interpreting(),
+    }
+
+
+def project(
+    e: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: bool
+) -> torch.Tensor:
+    """``z = [e +] e W^T + b`` in fp32, ``(B, D)``; ``weight=None`` is the identity head."""
+    check_device(e, weight, bias)
+    e = e.contiguous()
+    bsz, din = e.shape
+    n = din if weight is None else weight.shape[0]
+    if weight is not None:
+        weight = weight.contiguous()
+    z = torch.empty(bsz, n, device=e.device, dtype=torch.float32)
+    if e.dtype == torch.float32:
+        bm, bn, bk, warps = 32, 64, 32, 4
+    elif bsz >= 2048:
+        bm, bn, bk, warps = 128, 128, 64, 8
+    else:  # small batches: more, smaller tiles so the GPU has enough programs
+        bm, bn, bk, warps = 64, 64, 64, 4
+    grid = (triton.cdiv(bsz, bm), triton.cdiv(n, bn))
+    _project_kernel[grid](
+        e, weight if weight is not None else e, bias if bias is not None else e, z,
+        bsz, n, din,
+        e.stride(0), weight.stride(0) if weight is not None else 0, z.stride(0),
+        HAS_W=weight is not None, HAS_B=bias is not None, RESIDUAL=residual,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_flags(e.dtype),
+    )  # fmt: skip
+    return z
+
+
+def head_rows(
+    z: torch.Tensor,
+    centers: torch.Tensor,
+    labels: torch.Tensor | None,
+    tau: float,
+    mode: int,
+    *,
+    compute_dtype: torch.dtype,
+    with_pc: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """From fp32 ``z (B, D)``: CE -> (loss rows (B,), pc (B, D) or None); LOGITS -> (logits
+    (B, K) fp32, None); COS -> (cos(z, c_y) (B,), None)."""
+    check_device(z, centers, labels)
+    labels = labels.contiguous() if labels is not None else None
+    bsz, d = z.shape
+    k = centers.shape[0]
+    centers = centers.contiguous()
+    dp = d_pad(d)
+    bm, warps = full_row_block(dp)
+    bk = 16 if dp >= 1024 else 32  # the C tile [bk, dp] is staged in shared memory
+    if mode == MODE_LOGITS:
+        out = torch.empty(bsz, k, device=z.device, dtype=torch.float32)
+    else:
+        out = torch.empty(bsz, device=z.device, dtype=torch.float32)
+    pc = (
+        torch.empty(bsz, d, device=z.device, dtype=torch.float32)
+        if with_pc and mode == MODE_CE
+        else None
+    )
+    _head_rows_kernel[(triton.cdiv(bsz, bm),)](
+        z, centers, labels if labels is not None else z, out, pc if pc is not None else z,
+        bsz, k, d,
+        z.stride(0), centers.stride(0), out.stride(0), d,
+        1.0 / tau,
+        MODE=mode, WITH_PC=pc is not None,
+        BLOCK_M=bm, BLOCK_K=bk, D_PAD=dp, EPS=NORM_EPS, num_warps=warps,
+        **_flags(compute_dtype),
+    )  # fmt: skip
+    return out, pc
+
+
+def head_bwd(
+    z: torch.Tensor,
+    centers: torch.Tensor,
+    tau: float,
+    mode: int,
+    *,
+    out_dtype: torch.dtype,
+    labels: torch.Tensor | None = None,
+    pc: torch.Tensor | None = None,
+    grad_logits: torch.Tensor | None = None,
+    grad_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dL/dz (B, D)`` in ``out_dtype``. CE needs labels, pc, grad_rows; LOGITS needs
+    grad_logits (B, K); COS needs labels, grad_rows."""
+    check_device(z, centers, labels, pc, grad_logits, grad_rows)
+    labels = labels.contiguous() if labels is not None else None
+    bsz, d = z.shape
+    k = centers.shape[0]
+    centers = centers.contiguous()
+    dp = d_pad(d)
+    bm, warps = full_row_block(dp)
+    bk = 16 if dp >= 1024 else 32
+    dz = torch.empty(bsz, d, device=z.device, dtype=out_dtype)
+    gl = grad_logits if grad_logits is not None else z
+    gr = grad_rows if grad_rows is not None else z
+    _head_bwd_kernel[(triton.cdiv(bsz, bm),)](
+        z, centers, labels if labels is not None else z, pc if pc is not None else z, gl, gr, dz,
+        bsz, k, d,
+        z.stride(0), centers.stride(0), pc.stride(0) if pc is not None else 0,
+        gl.stride(0), gl.stride(1) if gl.dim() == 2 else 0,
+        gr.stride(0) if grad_rows is not None else 0, dz.stride(0),
+        1.0 / tau,
+        MODE=mode,
+        BLOCK_M=bm, BLOCK_K=bk, D_PAD=dp, EPS=NORM_EPS, num_warps=warps,
+        **_flags(out_dtype),
+    )  # fmt: skip
+    return dz
