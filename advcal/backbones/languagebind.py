@@ -476,18 +476,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"no weights in checkpoint directory {path}: expected one of {list(_WEIGHT_FILES)} "
             "(or a sharded *.index.json)"
         )
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    # one file: the shared safe reader (safetensors or torch.load(weights_only=True))
+    from advcal.backbones.imagebind import read_checkpoint
 
-        return load_file(str(path), device="cpu")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} does not hold a state_dict (got {type(obj).__name__})")
-    return dict(obj)
+    return read_checkpoint(path)
 
 
 def merge_lora(
