@@ -42,15 +42,18 @@ def _extensions():
             f"(torch.version.cuda={torch.version.cuda}, nvcc={nvcc})"
         )
     use_cuda = has_cuda and want != "0"
-    cxx = ["-O3", "-std=c++17"]
+    # -ffp-contract=off: no fused multiply-adds the reference's separate ops don't make, so the
+    # fp32 kernels are bit-identical to advcal.ops.*_ref (see csrc/pgd_step.cpp).
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # kernels use explicit __fadd_rn/__fmul_rn (no fast-math: bit-exact with the reference)
         cu = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
         ext = CUDAExtension(
             "advcal._C",
             cpp + cu,
             define_macros=[("ADVCAL_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
         )
     else:
         ext = CppExtension("advcal._C", cpp, extra_compile_args={"cxx": cxx})

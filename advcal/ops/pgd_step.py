@@ -1,18 +1,45 @@
 """Fused PGD update with eps-ball projection, over lists of tensors (all modalities at once).
 
 L-inf: ``x <- clamp(clamp(x + alpha * sign(g), x0 - eps, x0 + eps), lo, hi)``.
-L2:    ``x <- proj_{||x - x0||_2 <= eps}(x + alpha * g / ||g||_2)`` per sample, then clamp.
+L2:    ``x <- clamp(proj_{||x - x0||_2 <= eps}(x + alpha * g / ||g||_2), lo, hi)``, norms per
+sample (over all dims but the first).
 
-(Reference implementation; the C++/CUDA extension lands behind the same function.)
+Shapes: each ``x_adv[i]``, ``grad[i]``, ``x_orig[i]`` share one shape and dtype (fp32, bf16 or
+fp16); tensors of a list may differ in shape and dtype. ``alpha``, ``eps``, ``lo``, ``hi`` are
+floats or one float per tensor; ``lo``/``hi`` None means unbounded.
+
+Backends (one dispatcher, :mod:`advcal.ops._dispatch`): ``cuda`` (``advcal._C``'s CUDA kernel:
+one launch for the whole list, 16 B/element fp32 for L-inf), ``cpp`` (``advcal._C``'s CPU
+kernel: one vectorised pass, no temporaries), ``ref`` (plain PyTorch below). The reference
+defines the arithmetic: everything in fp32, one rounding to the storage dtype per stored value,
+and the kernels perform the same operations in the same order, so fp32 results are
+bit-identical (the CUDA L2 norms are reduced in a different order: close, not identical).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 
+from advcal import _ext
+from advcal.ops import _dispatch
+
 NORM_EPS = 1e-12
+NORMS = ("linf", "l2")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample 2-norms ``(B,)`` in fp32, clamped at NORM_EPS (same call as the C++ kernel)."""
+    return torch.linalg.vector_norm(
+        t.reshape(t.shape[0], -1), dim=1, dtype=torch.float32
+    ).clamp_min(NORM_EPS)
 
 
 def _as_list(v, n: int, name: str) -> list:
@@ -23,9 +50,12 @@ def _as_list(v, n: int, name: str) -> list:
     return [v] * n
 
 
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    n = t.flatten(1).float().norm(dim=1).clamp_min(NORM_EPS)
-    return n.view(-1, *([1] * (t.dim() - 1)))
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _clamp(v: torch.Tensor, lo, hi) -> torch.Tensor:
+    return v if lo is None and hi is None else v.clamp(min=lo, max=hi)
 
 
 def pgd_step_ref_(
@@ -39,22 +69,25 @@ def pgd_step_ref_(
     hi=None,
     norm: str = "linf",
 ) -> None:
+    """The reference: plain PyTorch, in place on ``x_adv``; the kernels' order of operations."""
     n = len(x_adv)
     alphas, epss = _as_list(alpha, n, "alpha"), _as_list(eps, n, "eps")
     los, his = _as_list(lo, n, "lo"), _as_list(hi, n, "hi")
     for x, g, x0, a, e, l, h in zip(x_adv, grad, x_orig, alphas, epss, los, his, strict=True):
+        if x.numel() == 0:
+            continue
+        xf, gf, x0f = x.float(), g.float(), x0.float()
         if norm == "linf":
-            x.add_(torch.sign(g), alpha=a)
-            x.copy_(torch.minimum(torch.maximum(x, x0 - e), x0 + e))
+            t = xf + torch.sign(gf) * a
+            t = torch.minimum(torch.maximum(t, x0f - e), x0f + e)
         elif norm == "l2":
-            x.add_((g.float() / _per_sample_norm(g)).to(x.dtype), alpha=a)
-            d = (x - x0).float()
-            d = d * torch.clamp(e / _per_sample_norm(d), max=1.0)
-            x.copy_(x0 + d.to(x.dtype))
+            s = _bcast(torch.full_like(gn := _norms(g), a).div_(gn), x)
+            d = ((xf + gf * s) - x0f).to(x.dtype)  # stored in x's dtype, as the kernels do
+            f = _bcast(torch.full_like(dn := _norms(d), e).div_(dn).clamp_(max=1.0), x)
+            t = x0f + d.float() * f
         else:
             raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-        if l is not None or h is not None:
-            x.clamp_(min=l, max=h)
+        x.copy_(_clamp(t, l, h))
 
 
 def random_start_ref_(
@@ -67,34 +100,235 @@ def random_start_ref_(
     norm: str = "linf",
     generator: torch.Generator | None = None,
 ) -> None:
-    """``x_adv <- clamp(x0 + delta)``: delta ~ U(-eps, eps) (L-inf) or uniform in the L2 ball."""
+    """``x_adv <- clamp(x0 + delta, lo, hi)``. L-inf: delta ~ U(-eps, eps) per element. L2:
+    delta = eps * r * d / ||d|| per sample, d ~ N(0, I) (a uniform direction), r ~ U(0, 1)."""
     n = len(x_adv)
     epss, los, his = _as_list(eps, n, "eps"), _as_list(lo, n, "lo"), _as_list(hi, n, "hi")
     for x, x0, e, l, h in zip(x_adv, x_orig, epss, los, his, strict=True):
+        if x.numel() == 0:
+            continue
+        opts = {"generator": generator, "device": x.device, "dtype": torch.float32}
         if norm == "linf":
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-            x.copy_(x0 + ((2 * u - 1) * e).to(x.dtype))
+            u = torch.rand(x.shape, **opts)
+            v = x0.float() + (2 * u - 1) * e
+        elif norm == "l2":
+            d = torch.randn(x.shape, **opts)
+            r = torch.rand((x.shape[0],), **opts)
+            scale = _bcast(torch.full_like(r, e).div_(_norms(d)).mul_(r), x)
+            v = x0.float() + d * scale
         else:
-            d = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-            r = torch.rand(
-                (x.shape[0],) + (1,) * (x.dim() - 1),
-                generator=generator,
-                device=x.device,
-                dtype=torch.float32,
+            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        x.copy_(_clamp(v, l, h))
+
+
+# ------------------------------------------------------------------------ argument handling
+
+
+def _tensor_list(v, name: str) -> list[torch.Tensor]:
+    items = [v] if isinstance(v, torch.Tensor) else list(v)
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    return items
+
+
+def _floats(v, n: int, name: str, *, none: float | None = None) -> list[float]:
+    vals = _as_list(v, n, name)
+    out = []
+    for i, a in enumerate(vals):
+        if a is None:
+            if none is None:
+                raise ValueError(f"{name}[{i}] is None; pass a number")
+            out.append(none)
+        else:
+            out.append(float(a))
+    return out
+
+
+def _prepare(x_adv, grad, x_orig, alpha, eps, lo, hi, norm):
+    """Validates once, before any work; returns lists and plain floats (None -> -inf/+inf)."""
+    xs = _tensor_list(x_adv, "x_adv")
+    gs = _tensor_list(grad, "grad") if grad is not None else None
+    x0s = _tensor_list(x_orig, "x_orig")
+    n = len(xs)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    for name, lst in (("grad", gs), ("x_orig", x0s)):
+        if lst is not None and len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} tensors but x_adv has {n}")
+    alphas = _floats(alpha, n, "alpha") if gs is not None else None
+    epss = _floats(eps, n, "eps")
+    los = _floats(lo, n, "lo", none=-math.inf)
+    his = _floats(hi, n, "hi", none=math.inf)
+    for i, x in enumerate(xs):
+        if x.dtype not in DTYPES:
+            raise ValueError(f"x_adv[{i}] has dtype {x.dtype}; expected float32, bfloat16 or float16")
+        others = [("x_orig", x0s[i])] + ([("grad", gs[i])] if gs is not None else [])
+        for name, t in others:
+            if t.shape != x.shape:
+                raise ValueError(
+                    f"{name}[{i}] has shape {tuple(t.shape)} but x_adv[{i}] has {tuple(x.shape)}"
+                )
+            if t.dtype != x.dtype:
+                raise ValueError(f"{name}[{i}] has dtype {t.dtype} but x_adv[{i}] has {x.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"{name}[{i}] is on {t.device} but x_adv[{i}] is on {x.device}")
+        if not epss[i] >= 0:
+            raise ValueError(f"eps[{i}] = {epss[i]} must be >= 0")
+        if alphas is not None and not math.isfinite(alphas[i]):
+            raise ValueError(f"alpha[{i}] = {alphas[i]} must be finite")
+        if los[i] > his[i]:
+            raise ValueError(f"lo[{i}] = {los[i]} > hi[{i}] = {his[i]}")
+        if norm == "l2" and x.dim() == 0:
+            raise ValueError(f"x_adv[{i}] is 0-dimensional; norm='l2' needs a sample dimension")
+    return xs, gs, x0s, alphas, epss, los, his
+
+
+def _none_if_inf(vals: list[float]) -> list[float | None]:
+    return [None if math.isinf(v) else v for v in vals]
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def _ext_reason(key: str) -> str | None:
+    if not _ext.available():
+        return f"advcal._C not built: {_ext.why_unavailable()}"
+    if not _ext.has_kernel("pgd_step_", key):
+        return f"advcal._C was built without {key} kernels"
+    return None
+
+
+def _tensor_reason(tensors: list[torch.Tensor], device_type: str) -> str | None:
+    for i, t in enumerate(tensors):
+        if t.device.type != device_type:
+            return f"tensor {i} is on {t.device.type}, not {device_type}"
+        if not t.is_contiguous():
+            return f"tensor {i} is not contiguous"
+    return None
+
+
+def _make_why_not(key: str, device_type: str):
+    def why_not(xs, gs, x0s, *args) -> str | None:
+        return _ext_reason(key) or _tensor_reason(
+            [*xs, *(gs or ()), *x0s], device_type
+        )
+
+    why_not.general = lambda: _ext_reason(key)  # type: ignore[attr-defined]
+    why_not.device = lambda device: (  # type: ignore[attr-defined]
+        _ext_reason(key) or (None if device == device_type else f"runs {device_type} tensors")
+    )
+    return why_not
+
+
+def _step_ext(xs, gs, x0s, alphas, epss, los, his, norm) -> None:
+    torch.ops.advcal.pgd_step_(xs, gs, x0s, alphas, epss, los, his, norm)
+
+
+def _step_ref(xs, gs, x0s, alphas, epss, los, his, norm) -> None:
+    pgd_step_ref_(
+        xs, gs, x0s, alpha=alphas, eps=epss, lo=_none_if_inf(los), hi=_none_if_inf(his), norm=norm
+    )
+
+
+def _start_ext(xs, gs, x0s, epss, los, his, norm, generator) -> None:
+    torch.ops.advcal.random_start_(xs, x0s, epss, los, his, norm, generator)
+
+
+def _start_ref(xs, gs, x0s, epss, los, his, norm, generator) -> None:
+    random_start_ref_(
+        xs, x0s, eps=epss, lo=_none_if_inf(los), hi=_none_if_inf(his), norm=norm,
+        generator=generator,
+    )
+
+
+def _ref_why_not(*args) -> None:
+    return None
+
+
+for _op, _ext_fn, _ref_fn in (
+    ("pgd_step_", _step_ext, _step_ref),
+    ("random_start_", _start_ext, _start_ref),
+):
+    _dispatch.register(
+        _op,
+        [
+            _dispatch.Backend("cuda", _ext_fn, _make_why_not("CUDA", "cuda")),
+            _dispatch.Backend("cpp", _ext_fn, _make_why_not("CPU", "cpu")),
+            _dispatch.Backend("ref", _ref_fn, _ref_why_not),
+        ],
+    )
+
+_warned: set[str] = set()
+
+
+def _select(op: str, *args) -> _dispatch.Backend:
+    _ext.load()  # the one warning when advcal._C is missing
+    backend = _dispatch.select(op, *args)
+    if backend.name == "ref" and _ext.available() and _dispatch.forced_backend() != "ref":
+        reasons = [b.why_not(*args) for b in _dispatch._OPS[op][:-1]]
+        device = args[0][0].device.type
+        reason = next((r for r in reasons if r and device in r and "is on" not in r), reasons[0])
+        key = f"{op}:{device}:{reason}"
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(
+                f"advcal.ops.{op}: using the reference for {device} tensors ({reason})",
+                RuntimeWarning,
+                stacklevel=3,
             )
-            d = d / _per_sample_norm(d) * e * r
-            x.copy_(x0 + d.to(x.dtype))
-        if l is not None or h is not None:
-            x.clamp_(min=l, max=h)
+    return backend
 
 
-def pgd_step_(x_adv, grad, x_orig, *, alpha, eps, lo=None, hi=None, norm="linf") -> None:
-    if isinstance(x_adv, torch.Tensor):
-        x_adv, grad, x_orig = [x_adv], [grad], [x_orig]
-    pgd_step_ref_(x_adv, grad, x_orig, alpha=alpha, eps=eps, lo=lo, hi=hi, norm=norm)
+# ------------------------------------------------------------------------------ public
 
 
-def random_start_(x_adv, x_orig, *, eps, lo=None, hi=None, norm="linf", generator=None) -> None:
-    if isinstance(x_adv, torch.Tensor):
-        x_adv, x_orig = [x_adv], [x_orig]
-    random_start_ref_(x_adv, x_orig, eps=eps, lo=lo, hi=hi, norm=norm, generator=generator)
+def pgd_step_(
+    x_adv: torch.Tensor | Sequence[torch.Tensor],
+    grad: torch.Tensor | Sequence[torch.Tensor],
+    x_orig: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    alpha: float | Sequence[float],
+    eps: float | Sequence[float],
+    lo: float | None | Sequence[float | None] = None,
+    hi: float | None | Sequence[float | None] = None,
+    norm: str = "linf",
+) -> None:
+    """One PGD update of every tensor of ``x_adv`` in place (see the module docstring)."""
+    args = _prepare(x_adv, grad, x_orig, alpha, eps, lo, hi, norm)
+    if not args[0]:
+        return
+    _select("pgd_step_", *args, norm).fn(*args, norm)
+
+
+def random_start_(
+    x_adv: torch.Tensor | Sequence[torch.Tensor],
+    x_orig: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    eps: float | Sequence[float],
+    lo: float | None | Sequence[float | None] = None,
+    hi: float | None | Sequence[float | None] = None,
+    norm: str = "linf",
+    generator: torch.Generator | None = None,
+) -> None:
+    """``x_adv <- clamp(x_orig + delta, lo, hi)`` in place, delta uniform in the eps-ball's
+    L-inf box or along a random L2 direction (see :func:`random_start_ref_`). CPU: the same
+    draws as the reference for the same generator; CUDA (extension): device-side Philox."""
+    xs, _, x0s, _, epss, los, his = _prepare(x_adv, None, x_orig, None, eps, lo, hi, norm)
+    if not xs:
+        return
+    args = (xs, None, x0s, epss, los, his, norm, generator)
+    _select("random_start_", *args).fn(*args)
+
+
+# --------------------------------------------------------------------- fake (meta) kernels
+
+if _ext.available():
+
+    @torch.library.register_fake("advcal::pgd_step_")
+    def _pgd_step_fake(x_adv, grad, x_orig, alpha, eps, lo, hi, norm) -> None:
+        return None
+
+    @torch.library.register_fake("advcal::random_start_")
+    def _random_start_fake(x_adv, x_orig, eps, lo, hi, norm, generator) -> None:
+        return None
