@@ -22,8 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
+from advcal import distributed as dist
 from advcal import ops
 from advcal.attacks import PGD, ZeroShotClassifier
 from advcal.backbones.base import Backbone
@@ -150,7 +154,7 @@ class Calibrator:
             eps=eps,
             steps=self.config.attack_steps,
             alpha_ratio=self.config.alpha_ratio,
-            seed=_seed(self.config.seed, epoch, step),
+            seed=_seed(self.config.seed, epoch, step, dist.rank()),
         )
 
     def _checkpoint_path(self) -> Path | None:
@@ -158,7 +162,8 @@ class Calibrator:
 
     def _save(self, epoch: int, opt, sched) -> None:
         path = self._checkpoint_path()
-        if path is None:
+        if path is None or not dist.is_main():
+            dist.barrier()
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -175,6 +180,7 @@ class Calibrator:
             tmp,
         )
         tmp.replace(path)  # atomic: an interrupted write never clobbers the last checkpoint
+        dist.barrier()
 
     def _load(self, opt, sched) -> int:
         path = self._checkpoint_path()
@@ -233,38 +239,54 @@ class Calibrator:
 
         params = [p for p in self.heads.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+        # Each rank takes its shard of the data (DistributedSampler; one rank = all of it) in
+        # batches of batch_size / world, so the global batch is the same at any world size.
+        world, rank = dist.world_size(), dist.rank()
+        sampler = DistributedSampler(
+            range(len(dataset)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
+        )
+        local_bs = max(1, math.ceil(cfg.batch_size / world))
+        steps_per_epoch = math.ceil(len(sampler) / local_bs)
         total = cfg.epochs * steps_per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
         start = self._load(opt, sched) if resume else 0
-        if resume and start == 0 and self._checkpoint_path() is not None:
+        if resume and start == 0 and self._checkpoint_path() is not None and dist.is_main():
             print(f"advcal: no checkpoint in {self.out_dir}; starting from scratch")
+        loss_fn: nn.Module = _HeadsLoss(self.heads, cfg.objective, self.centers)
+        if dist.enabled():  # gradients of the heads all-reduced by PyTorch's DDP
+            loss_fn = DistributedDataParallel(loss_fn)
+        show = progress and dist.is_main()
 
         t0 = time.perf_counter()
         for epoch in range(start, cfg.epochs):
-            gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch))
+            sampler.set_epoch(epoch)
+            batches = torch.tensor(list(sampler), dtype=torch.long).split(local_bs)
             sums: dict[str, float] = {}
             bar = tqdm(
-                list(dataset.batches(cfg.batch_size, shuffle=True, generator=gen)),
+                batches,
                 desc=f"calibrate epoch {epoch + 1}/{cfg.epochs}",
-                disable=not progress,
+                disable=not show,
                 leave=False,
                 dynamic_ncols=True,
             )
             for step, idx in enumerate(bar):
                 with nvtx_range("calibration_step"):
-                    parts = self._step(epoch, step, idx, dataset, e_clean, probs, labels, opt)
+                    parts = self._step(
+                        epoch, step, idx, dataset, e_clean, probs, labels, opt, loss_fn
+                    )
                 sched.step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{parts['loss']:.3f}")
+            means = torch.tensor([v / steps_per_epoch for v in sums.values()], dtype=torch.float64)
+            dist.all_reduce_mean_(means)
             self.history.append(
-                {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
+                {"epoch": epoch + 1, **dict(zip(sums, means.tolist(), strict=True))}
             )
             self._save(epoch + 1, opt, sched)
-            if progress:
+            if show:
                 h = self.history[-1]
                 print(
                     f"epoch {epoch + 1}/{cfg.epochs}: "
@@ -276,33 +298,47 @@ class Calibrator:
         self.heads.eval()
         return self.heads
 
-    def _step(self, epoch, step, idx, dataset, e_clean, probs, labels, opt) -> dict[str, float]:
-        cfg = self.config
+    def _step(self, epoch, step, idx, dataset, e_clean, probs, labels, opt, loss_fn):
         y = labels[idx]
         xs = {m: dataset.inputs[m][idx].to(self.device) for m in self.modalities}
         with self._autocast():
             x_adv = self._attack(epoch, step)(xs, y)
-            self.heads.train()
             with torch.no_grad():
                 e_adv = {
                     m: self.backbone.encode(m, x_adv[m], check=False).float()
                     for m in self.modalities
                 }
-        total = torch.zeros((), device=self.device)
-        parts: dict[str, float] = {}
+        cross = {}
+        for m in self.modalities:
+            others = [probs[o][idx] for o in self.modalities if o != m]
+            cross[m] = torch.stack(others).mean(0) if others else None
+        self.heads.train()
         with nvtx_range("head_loss"):
-            for m in self.modalities:
-                others = [probs[o][idx] for o in self.modalities if o != m]
-                cross = torch.stack(others).mean(0) if others else None
-                loss, p = cfg.objective(
-                    self.heads[m], e_adv[m], e_clean[m][idx], self.centers, y, cross_probs=cross
-                )
-                total = total + loss
-                for k, v in p.items():
-                    parts[k] = parts.get(k, 0.0) + v / len(self.modalities)
+            total, parts = loss_fn(e_adv, {m: e_clean[m][idx] for m in self.modalities}, cross, y)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         self.heads.eval()
         parts["loss"] = float(total.detach()) / len(self.modalities)
         return parts
+
+
+class _HeadsLoss(nn.Module):
+    """The heads and the objective as one module, so DDP can wrap the whole loss."""
+
+    def __init__(self, heads: CalibrationHeads, objective: Objective, centers: torch.Tensor):
+        super().__init__()
+        self.heads, self.objective = heads, objective
+        self.register_buffer("centers", centers, persistent=False)
+
+    def forward(self, e_adv, e_clean, cross, y):
+        total = torch.zeros((), device=self.centers.device)
+        parts: dict[str, float] = {}
+        for m in self.heads.modalities:
+            loss, p = self.objective(
+                self.heads[m], e_adv[m], e_clean[m], self.centers, y, cross_probs=cross[m]
+            )
+            total = total + loss
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v / len(self.heads.modalities)
+        return total, parts

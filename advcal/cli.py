@@ -59,8 +59,11 @@ def _config_from_args(args, base=None):
 
 
 def _print_summary(rep: dict, out: Path, seconds: float) -> None:
+    from advcal import distributed
     from advcal.report import table
 
+    if not distributed.is_main():
+        return
     print()
     print(table(rep))
     failed = [k for k, v in rep["sanity"].items() if not v]

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from advcal import distributed as dist
 from advcal.attacks import ATTACKS, PGD, ZeroShotClassifier
 from advcal.backbones.base import Backbone
 from advcal.data import MultiModalDataset
@@ -139,21 +140,22 @@ def evaluate(
 
     results: dict = {"modalities": {}, "retrieval": {}, "sanity": {}, "config": cfg.as_dict()}
     embeds: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "adv": {}}
-    work = [(m, b) for m in modalities for b in range(0, n, cfg.batch_size)]
+    # Under torchrun each rank evaluates a strided shard; per-sample results are gathered.
+    local = torch.arange(n)[dist.rank() :: dist.world_size()]
+    work = [(m, idx) for m in modalities for idx in local.split(cfg.batch_size)]
     bar = tqdm(
         work,
         desc="evaluate" + (" (calibrated)" if heads is not None else " (frozen)"),
-        disable=not progress,
+        disable=not (progress and dist.is_main()),
         leave=False,
         dynamic_ncols=True,
     )
     acc: dict[str, dict[str, list]] = {m: {} for m in modalities}
-    for m, start in bar:
+    for m, idx in bar:
         model = _Model(backbone, m, centers, heads, cfg.tau)
         spec = backbone.spec(m)
         eps = spec.check_eps(spec.eps * cfg.eps_scale)
-        sl = slice(start, start + cfg.batch_size)
-        x, y = dataset.inputs[m][sl].to(device), y_all[sl]
+        x, y = dataset.inputs[m][idx].to(device), y_all[idx.to(device)]
         rec = acc[m]
 
         def add(key, value, rec=rec):
@@ -226,9 +228,10 @@ def evaluate(
         )
         add("large_eps_top1", topk_correct(model.logits_and_embed(atk(x, y))[0], y, 1))
 
+    order = dist.all_gather_cat(local).argsort()  # gathered position -> sample index order
     for m in modalities:
         spec = backbone.spec(m)
-        r = {k: float(torch.cat(v).float().mean()) for k, v in acc[m].items()}
+        r = {k: float(dist.all_gather_cat(torch.cat(v)).float().mean()) for k, v in acc[m].items()}
         sweep = {f"{spec.eps * mult:.6g}": r.pop(f"sweep_{mult:g}") for mult in cfg.sweep}
         results["modalities"][m] = {
             **{k: r[k] for k in ("clean_top1", "clean_top5", "robust_top1", "robust_top5")},
@@ -242,7 +245,9 @@ def evaluate(
             "large_eps_top1": r["large_eps_top1"],
         }
     for kind in ("clean", "adv"):
-        embeds[kind] = {m: torch.cat(v) for m, v in embeds[kind].items()}
+        embeds[kind] = {
+            m: dist.all_gather_cat(torch.cat(v))[order.to(device)] for m, v in embeds[kind].items()
+        }
     if cfg.retrieval:
         results["retrieval"] = _retrieval(embeds, dataset, centers, modalities, device)
     results["sanity"] = sanity_checks(results["modalities"], cfg)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from advcal import backbones, report
+from advcal import distributed as dist
 from advcal.attacks import ZeroShotClassifier
 from advcal.calibrate import CalibConfig, Calibrator
 from advcal.data import MultiModalDataset, load_dataset
@@ -111,7 +112,12 @@ def _atomic_json(path: Path, obj) -> None:
 def run(
     cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True
 ) -> dict:
-    """Calibrate and evaluate; returns the report dict (also written into ``out_dir``)."""
+    """Calibrate and evaluate; returns the report dict (also written into ``out_dir``).
+
+    Under ``torchrun`` every rank runs this; the work is sharded and rank 0 writes the files.
+    """
+    dist.init_from_env(cfg.device)
+    main = dist.is_main()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
@@ -121,7 +127,8 @@ def run(
             raise ValueError(
                 f"{out} holds a run with a different config; use another --out or drop --resume"
             )
-    _atomic_json(config_path, cfg.as_dict())
+    if main:
+        _atomic_json(config_path, cfg.as_dict())
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -157,7 +164,8 @@ def run(
             progress=progress,
         )
         timings["eval_before"] = time.perf_counter() - t0
-        _atomic_json(before_path, before)
+        if main:
+            _atomic_json(before_path, before)
 
     calibrator = Calibrator(
         backbone, centers, modalities, cfg.calib, out_dir=out, device=cfg.device
@@ -165,7 +173,8 @@ def run(
     t0 = time.perf_counter()
     heads = calibrator.fit(train, resume=resume, progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
-    heads.save(out / "heads.safetensors")
+    if main:
+        heads.save(out / "heads.safetensors")
 
     t0 = time.perf_counter()
     after = evaluate(
@@ -196,7 +205,10 @@ def run(
         dataset=test.name,
     )
     rep["history"] = calibrator.history
-    report.write(rep, out)
+    rep["world_size"] = dist.world_size()
+    if main:
+        report.write(rep, out)
+    dist.barrier()
     return rep
 
 

@@ -19,4 +19,4 @@ def nvtx_range(name: str):
         yield
 
 
-range = nvtx_range  # noqa: A001 - public name `advcal.profiling.range`
+range = nvtx_range  # public name: `advcal.profiling.range`
