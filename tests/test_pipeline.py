@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_report_has_every_required_field(finished_run):
-    out, rep = finished_run
+    out, _ = finished_run
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["backbone"] == "minibind"
     for key in ("config", "modalities", "retrieval", "sanity", "trainable_params",
