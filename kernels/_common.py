@@ -74,3 +74,19 @@ def mma(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def to_lowp(x, DT: tl.constexpr, EMU: tl.constexpr):
+    """``x.to(DT)`` rounding to nearest-even, as the GPU does.
+
+    EMU (interpreter with bf16): the interpreter's fp32 -> bf16 cast does not round to nearest
+    (checked with Triton 3.9: biased, 1-ulp differences from torch), which would bias sums of
+    rounded terms; emulate round-to-nearest-even on the bits and keep the (now bf16-exact)
+    value in fp32."""
+    if EMU:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT)

@@ -13,22 +13,26 @@ Kernels (fwd+bwd of ``head_ce`` = 2 Triton launches + 3 cuBLAS calls in the op l
    row block), write ``z`` fp32 (4 B D).
 2. ``_head_rows_kernel`` -- one program owns ``BLOCK_M`` whole rows of ``z``: norm, ``u``, then
    ONE pass over K in ``BLOCK_K`` tiles with an online log-sum-exp (FlashAttention with
-   ``Q = u``, ``K = V = C``): ``s = u C^T``, running max/sum, and ``pc = softmax(s) C``
-   accumulated in fp32 (the only thing the backward needs besides ``z``: ``dL/du =
-   g/tau (pc - c_y)``). Target term ``cos(z, c_y)`` from a gathered row of C.
+   ``Q = u``, ``K = V = C``): ``s = u C^T``, running max/sum, and ``pc = softmax(s) C - c_y``
+   accumulated in fp32 as ``sum_{k != y} p_k (c_k - c_y)`` (no cancellation as ``p_y -> 1``):
+   the only thing the backward needs besides ``z``, since ``dL/du = g/tau pc``. Target term
+   ``cos(z, c_y)`` from a gathered row of C.
    FLOPs ``2 B K D`` (logits) ``+ 2 B K D`` (pc, when gradients are needed); traffic: read
    ``z`` (4 B D), ``C`` (K D s per row block, L2-resident: 2 MB at K=1000, D=1024, bf16),
-   ``C[y]`` (B D s); write loss (4 B) and ``pc`` (4 B D). No ``B x K`` buffer.
+   ``C[y]`` (B D s); write loss (4 B) and ``pc`` (4 B D). No ``B x K`` buffer. For bf16/fp16
+   the logits dot runs twice (``u = u_hi + u_lo``), so logits keep fp32-grade accuracy:
+   ``+2 B K D`` FLOPs.
    Modes: CE (loss rows), LOGITS (writes ``s`` for the evaluator), COS (``cos(z, c_y)``).
-3. ``_head_bwd_kernel`` -- per row block: ``du`` (CE: ``g/tau (pc - c_y)``; LOGITS:
+3. ``_head_bwd_kernel`` -- per row block: ``du`` (CE: ``g/tau pc``; LOGITS:
    ``dlogits C / tau``, a tile loop over K; COS: ``g c_y``), then the normalisation backward
    ``dz = (du - u (u.du)) / ||z||`` (``du / eps`` where the norm is clamped), written in the
    compute dtype for the cuBLAS weight-gradient GEMMs that follow
    (``de = dz [+ dz W]``, ``dW = dz^T e``, ``db = sum dz``: ``4 B D Din`` FLOPs).
-   Traffic: read ``z``, ``pc`` (4 B D each), ``C[y]``; write ``dz`` (B D s).
+   Traffic: read ``z``, ``pc`` (4 B D each); write ``dz`` (B D s).
 
 Total fwd+bwd FLOPs (residual head): ``6 B D^2 + 4 B K D`` -- the same as eager PyTorch (whose
-backward does ``dlogits @ C``), in 5 launches instead of ~25. Accumulation (norms, LSE, pc,
+backward does ``dlogits @ C``), in 5 launches instead of ~25 (``+2 B K D`` for the hi/lo split
+of the logits dot at bf16/fp16). Accumulation (norms, LSE, pc,
 dlogits, weight gradients) is fp32 for every input dtype.
 """
 
@@ -45,6 +49,7 @@ from advcal.kernels._common import (
     full_row_block,
     interpreting,
     mma,
+    to_lowp,
 )
 
 MODE_CE, MODE_LOGITS, MODE_COS = 0, 1, 2
@@ -106,7 +111,7 @@ def _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm):
     cy = tl.load(
         C + y[:, None] * stride_cm + rd[None, :], mask=(mm & ok)[:, None] & md[None, :], other=0.0
     ).to(tl.float32)
-    return cy, ok
+    return cy, ok, y
 
 
 @triton.jit
@@ -117,7 +122,8 @@ def _head_rows_kernel(
     inv_tau,
     MODE: tl.constexpr, WITH_PC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    EMU: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -127,22 +133,30 @@ def _head_rows_kernel(
     z, rn, _ = _load_rows(Z, rm, rd, mm, md, stride_zm, EPS)
     u = z * rn[:, None]  # [BLOCK_M, D_PAD] fp32, unit rows
     if MODE != 1:
-        cy, ok = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
+        cy, ok, y = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
         cos = tl.sum(u * cy, axis=1)
     if MODE == 2:
         tl.store(OUT + rm, tl.where(ok, cos, float("nan")), mask=mm)
     else:
-        uc = u.to(CDT)
+        # fp32 u as hi + lo in the compute dtype: two tensor-core dots give the logits ~16
+        # mantissa bits of u instead of bf16's 8 (the reference keeps logits in fp32; one
+        # bf16 rounding of u costs 2x PyTorch's error at tau = 0.07). FLOPs: +2 B K D.
+        u_hi = to_lowp(u, CDT, EMU)
+        u_lo = to_lowp(u - u_hi.to(tl.float32), CDT, EMU)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)  # sum_{k != y} p_k c_k
+        w_oth = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_{k != y} p_k
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             mk = rk < K
             c = tl.load(
                 C + rk[:, None] * stride_cm + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0
-            ).to(CDT)  # [BLOCK_K, D_PAD]
-            s = mma(uc, tl.trans(c), tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), IEEE, UPCAST)
+            )
+            c = to_lowp(c.to(tl.float32), CDT, EMU)  # [BLOCK_K, D_PAD]
+            s = mma(u_hi, tl.trans(c), tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32), IEEE, UPCAST)
+            if SPLIT:
+                s = mma(u_lo, tl.trans(c), s, IEEE, UPCAST)
             s = s * inv_tau
             if MODE == 1:
                 tl.store(
@@ -155,7 +169,12 @@ def _head_rows_kernel(
                 p = tl.exp(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 if WITH_PC:
-                    acc = mma(p.to(CDT), c, acc * alpha[:, None], IEEE, UPCAST)
+                    # the target column is left out and subtracted as a weight on c_y at the
+                    # end: softmax C - c_y = sum_{k != y} p_k (c_k - c_y) / l has no
+                    # cancellation when p_y -> 1 (bf16 p_y c_y - c_y would lose it all)
+                    p_oth = tl.where(rk[None, :] == y[:, None], 0.0, p)
+                    w_oth = w_oth * alpha + tl.sum(p_oth, axis=1)
+                    acc = mma(to_lowp(p_oth, CDT, EMU), c, acc * alpha[:, None], IEEE, UPCAST)
                 m_i = m_new
         if MODE == 0:
             lse = m_i + tl.log(l_i)
@@ -163,7 +182,7 @@ def _head_rows_kernel(
             if WITH_PC:
                 tl.store(
                     PC + rm[:, None] * stride_pm + rd[None, :],
-                    acc / l_i[:, None],
+                    (acc - w_oth[:, None] * cy) / l_i[:, None],
                     mask=mm[:, None] & md[None, :],
                 )
 
@@ -176,7 +195,8 @@ def _head_bwd_kernel(
     inv_tau,
     MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, D_PAD: tl.constexpr,
-    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    EMU: tl.constexpr, EPS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,24 +215,32 @@ def _head_bwd_kernel(
                 GL + rm[:, None] * stride_glm + rk[None, :] * stride_glk,
                 mask=mm[:, None] & mk[None, :],
                 other=0.0,
-            ).to(CDT)
+            ).to(tl.float32)
             c = tl.load(
                 C + rk[:, None] * stride_cm + rd[None, :], mask=mk[:, None] & md[None, :], other=0.0
-            ).to(CDT)
-            du = mma(gl, c, du, IEEE, UPCAST)
+            )
+            c = to_lowp(c.to(tl.float32), CDT, EMU)
+            gl_hi = to_lowp(gl, CDT, EMU)  # fp32 dlogits as hi + lo, as in the forward
+            du = mma(gl_hi, c, du, IEEE, UPCAST)
+            if SPLIT:
+                du = mma(to_lowp(gl - gl_hi.to(tl.float32), CDT, EMU), c, du, IEEE, UPCAST)
         du = du * inv_tau
     else:
         g = tl.load(GR + rm * stride_gr, mask=mm, other=0.0).to(tl.float32)
-        cy, _ = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
-        if MODE == 0:  # d CE / du = g / tau (softmax(s) C - c_y)
+        if MODE == 0:  # d CE / du = g / tau (softmax(s) C - c_y) = g / tau pc
             pc = tl.load(PC + rm[:, None] * stride_pm + rd[None, :], mask=mask, other=0.0)
-            du = (pc - cy) * (g * inv_tau)[:, None]
+            du = pc * (g * inv_tau)[:, None]
         else:  # d cos(z, c_y) / du = g c_y
+            cy, _, _ = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
             du = cy * g[:, None]
     # F.normalize backward: the norm's gradient flows only where the clamp is inactive
     udu = tl.where(unclamped, tl.sum(u * du, axis=1), 0.0)
     dz = (du - u * udu[:, None]) * rn[:, None]
-    tl.store(DZ + rm[:, None] * stride_dm + rd[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+    tl.store(
+        DZ + rm[:, None] * stride_dm + rd[None, :],
+        to_lowp(dz, DZ.dtype.element_ty, EMU).to(DZ.dtype.element_ty),
+        mask=mask,
+    )
 
 
 # ---------------------------------------------------------------------------------- launchers
@@ -223,6 +251,8 @@ def _flags(dtype: torch.dtype) -> dict:
         "CDT": TL_DTYPES[dtype],
         "IEEE": dtype == torch.float32,
         "UPCAST": interpreting(),
+        "SPLIT": dtype != torch.float32,
+        "EMU": interpreting() and dtype == torch.bfloat16,
     }
 
 
@@ -249,7 +279,8 @@ def project(
         bsz, n, din,
         e.stride(0), weight.stride(0) if weight is not None else 0, z.stride(0),
         HAS_W=weight is not None, HAS_B=bias is not None, RESIDUAL=residual,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **_flags(e.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        CDT=TL_DTYPES[e.dtype], IEEE=e.dtype == torch.float32, UPCAST=interpreting(),
     )  # fmt: skip
     return z
 

@@ -40,6 +40,7 @@ from advcal.kernels._common import (
     full_row_block,
     interpreting,
     mma,
+    to_lowp,
 )
 
 
@@ -78,7 +79,7 @@ def _lse_kernel(
     stride_x, stride_y,
     inv_tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EMU: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -117,7 +118,8 @@ def _grad_kernel(
     inv_tau, coef_x, coef_y,
     USE_X: tl.constexpr, USE_Y: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EPS: tl.constexpr,
+    CDT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EMU: tl.constexpr,
+    EPS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,7 +155,7 @@ def _grad_kernel(
             ds += w_y * tl.exp(s - lsey[None, :])
         # fold 1/|y_j| into dS so the dot runs on raw y: sum_j dS_ij y_j / |y_j|
         ds = tl.where(mn[None, :], ds * rny[None, :], 0.0)
-        acc = mma(ds.to(CDT), y, acc, IEEE, UPCAST)
+        acc = mma(to_lowp(ds, CDT, EMU), y, acc, IEEE, UPCAST)
     # the target term -(w_x + w_y) S_ii contributes -(w_x + w_y) y_i / |y_i| to d x_n
     y_self = tl.load(Y + rm[:, None] * stride_y + rd[None, :], mask=mask, other=0.0).to(tl.float32)
     rny_self = tl.load(RNY + rm, mask=mm, other=0.0)
@@ -162,14 +164,23 @@ def _grad_kernel(
     xn = x * rnx[:, None]
     xdx = tl.where(nrm >= EPS, tl.sum(xn * dxn, axis=1), 0.0)
     dx = (dxn - xn * xdx[:, None]) * rnx[:, None]
-    tl.store(DX + rm[:, None] * stride_dx + rd[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(
+        DX + rm[:, None] * stride_dx + rd[None, :],
+        to_lowp(dx, DX.dtype.element_ty, EMU).to(DX.dtype.element_ty),
+        mask=mask,
+    )
 
 
 # ---------------------------------------------------------------------------------- launchers
 
 
 def _flags(dtype: torch.dtype) -> dict:
-    return {"CDT": TL_DTYPES[dtype], "IEEE": dtype == torch.float32, "UPCAST": interpreting()}
+    return {
+        "CDT": TL_DTYPES[dtype],
+        "IEEE": dtype == torch.float32,
+        "UPCAST": interpreting(),
+        "EMU": interpreting() and dtype == torch.bfloat16,
+    }
 
 
 def row_stats(a: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -208,8 +208,9 @@ def head_fwd(
     with_pc: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, z, pc)``: out = loss rows (B,) [CE], logits (B, K) [LOGITS] or cos (B,) [COS];
-    ``z`` the fp32 projection (saved for backward); ``pc = softmax(logits) C`` (B, D) fp32 in CE
-    mode when ``with_pc`` (what the backward needs), else empty.
+    ``z`` the fp32 projection (saved for backward); ``pc = softmax(logits) C - c_y`` (B, D)
+    fp32 in CE mode when ``with_pc`` (``dCE/du = pc / tau``: all the backward needs), else
+    empty.
 
     This body is the CPU kernel: the kernels' math in plain fp32 PyTorch."""
     f32 = torch.float32
@@ -219,6 +220,8 @@ def head_fwd(
         None if bias is None else bias.to(f32),
         residual,
     )
+    if weight is None and bias is None:  # identity head: z would alias e (outputs may not)
+        z = z.clone()
     u = F.normalize(z, dim=-1, eps=NORM_EPS)
     c = centers.to(f32)
     empty = z.new_empty(0)
@@ -228,7 +231,7 @@ def head_fwd(
     if mode == MODE_LOGITS:
         return logits, z, empty
     loss = F.cross_entropy(logits, labels.long(), reduction="none")
-    pc = logits.softmax(-1) @ c if with_pc else empty
+    pc = logits.softmax(-1) @ c - c[labels.long()] if with_pc else empty
     return loss, z, pc
 
 
@@ -312,7 +315,7 @@ def head_bwd(
     if mode == MODE_LOGITS:
         du = grad.to(f32) @ c / tau
     elif mode == MODE_CE:
-        du = (pc - c[labels.long()]) * (grad.to(f32) / tau)[:, None]
+        du = pc * (grad.to(f32) / tau)[:, None]
     else:
         du = c[labels.long()] * grad.to(f32)[:, None]
     udu = torch.where(nrm >= NORM_EPS, (u * du).sum(-1, keepdim=True), 0.0)

@@ -1,0 +1,333 @@
+"""head_ce / head_logits / head_target_cos: the fused path against the ``*_ref`` functions.
+
+Four tests per op (forward, gradients, opcheck, torch.compile) on CPU through the ``advcal::``
+custom ops (their CPU kernels), the Triton kernels themselves under ``TRITON_INTERPRET=1`` in a
+subprocess (the env var must be set before Triton is imported), dispatcher behaviour, and the
+full shape product on a GPU (skipped here with the reason).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT, requires_cuda
+from tolerances import assert_close_to_ref
+
+import advcal.ops as ops
+from advcal.ops import _dispatch
+
+HEAD = importlib.import_module("advcal.ops.head_ce")  # the module (ops.head_ce is the function)
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+TAU = 0.07
+DTYPES = [torch.float32, torch.bfloat16]
+# (B, D, K): 1, primes, one past a block (BLOCK_M = 16/32/64), non-powers of two
+CPU_SHAPES = [(1, 33, 2), (7, 384, 10), (127, 33, 1000), (257, 1024, 10)]
+INTERP_SHAPES = [(1, 33, 2), (17, 40, 37), (7, 64, 10)]
+GPU_SHAPES = [(b, d, k) for b in (1, 7, 127, 257) for d in (33, 384, 1024) for k in (2, 10, 1000)]
+FNS = ["ce_mean", "ce_none", "logits", "cos"]
+
+
+def make_inputs(bsz, d, k, dtype, device="cpu", seed=0, residual=True):
+    """Fresh random head (not the identity init: W, b nonzero), unit centers, labels."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(bsz, d, generator=g)
+    w = torch.randn(d, d, generator=g) * (0.5 / d**0.5)
+    b = torch.randn(d, generator=g) * 0.1
+    c = F.normalize(torch.randn(k, d, generator=g), dim=-1)
+    y = torch.randint(0, k, (bsz,), generator=g)
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(e), cast(w), cast(b), cast(c), y.to(device)
+
+
+def call_ref(fn, e, w, b, c, y, residual=True):
+    if fn == "ce_mean":
+        return ops.head_ce_ref(e, w, b, c, y, TAU, residual=residual)
+    if fn == "ce_none":
+        return ops.head_ce_ref(e, w, b, c, y, TAU, residual=residual, reduction="none")
+    if fn == "logits":
+        return ops.head_logits_ref(e, w, b, c, TAU, residual=residual)
+    return ops.head_target_cos_ref(e, w, b, c, y, residual=residual)
+
+
+def call_op(fn, e, w, b, c, y, residual=True):
+    """The Triton backend's entry points (custom ops): CPU kernels here, Triton on CUDA."""
+    if fn == "ce_mean":
+        return HEAD._head_ce_op(e, w, b, c, y, TAU, residual=residual)
+    if fn == "ce_none":
+        return HEAD._head_ce_op(e, w, b, c, y, TAU, residual=residual, reduction="none")
+    if fn == "logits":
+        return HEAD._head_logits_op(e, w, b, c, TAU, residual=residual)
+    return HEAD._head_target_cos_op(e, w, b, c, y, residual=residual)
+
+
+def call_public(fn, e, w, b, c, y, residual=True):
+    if fn == "ce_mean":
+        return ops.head_ce(e, w, b, c, y, TAU, residual=residual)
+    if fn == "ce_none":
+        return ops.head_ce(e, w, b, c, y, TAU, residual=residual, reduction="none")
+    if fn == "logits":
+        return ops.head_logits(e, w, b, c, TAU, residual=residual)
+    return ops.head_target_cos(e, w, b, c, y, residual=residual)
+
+
+def grads(fn_call, fn, e, w, b, c, y, residual=True):
+    """Output and gradients for e, W, b under a fixed random upstream gradient."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (e, w, b)]
+    out = fn_call(fn, *leaves, c, y, residual=residual)
+    # upstream gradient at the scale of a mean loss (1/sqrt(numel)): unit-variance gradients on
+    # B x K logits sum to entries of ~50 whose fp32 round-off alone exceeds the fp32 atol
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    g = g / max(out.numel(), 1) ** 0.5
+    present = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(out, present, g))
+    return out.detach(), tuple(None if t is None else next(got) for t in leaves)
+
+
+def check(impl, fn, bsz, d, k, dtype, device="cpu", residual=True):
+    """Forward and gradients of ``impl`` vs the fp32 reference on the same (rounded) inputs;
+    low precision: at most LOWP_FACTOR x the error of the reference run in that precision."""
+    e, w, b, c, y = make_inputs(bsz, d, k, dtype, device, residual=residual)
+    out, g = grads(impl, fn, e, w, b, c, y, residual)
+    ref32, g32 = grads(call_ref, fn, e.float(), w.float(), b.float(), c.float(), y, residual)
+    lowp, glowp = (None, (None,) * 3)
+    if dtype != torch.float32:
+        lowp, glowp = grads(call_ref, fn, e, w, b, c, y, residual)
+        lowp = lowp.to(dtype)  # carries the precision for the tolerance table
+    assert out.dtype == torch.float32
+    assert_close_to_ref(out, ref32, lowp)
+    for got, ref, low, name in zip(g, g32, glowp, ("e", "weight", "bias"), strict=True):
+        assert got.dtype == dtype, name
+        assert_close_to_ref(got, ref, low)
+
+
+# -------------------------------------------------------------- CPU: custom ops vs reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d", "k"), CPU_SHAPES)
+@pytest.mark.parametrize("fn", FNS)
+def test_forward_vs_ref(fn, bsz, d, k, dtype):
+    e, w, b, c, y = make_inputs(bsz, d, k, dtype)
+    out = call_op(fn, e, w, b, c, y)
+    ref32 = call_ref(fn, e.float(), w.float(), b.float(), c.float(), y)
+    lowp = None if dtype == torch.float32 else call_ref(fn, e, w, b, c, y).to(dtype)
+    assert_close_to_ref(out, ref32, lowp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d", "k"), CPU_SHAPES[:3])
+@pytest.mark.parametrize("fn", FNS)
+def test_grads_vs_ref(fn, bsz, d, k, dtype):
+    check(call_op, fn, bsz, d, k, dtype)
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_plain_linear_and_identity_heads(fn):
+    e, _, b, c, y = make_inputs(7, 33, 10, torch.float32)
+    check(call_op, fn, 7, 33, 10, torch.float32, residual=False)
+    # identity head (weight None, bias present / absent)
+    for bias in (b, None):
+        out = call_op(fn, e, None, bias, c, y)
+        torch.testing.assert_close(out, call_ref(fn, e, None, bias, c, y), rtol=1e-5, atol=1e-5)
+
+
+def test_eps_clamp_matches_f_normalize():
+    """A row whose projected norm is below eps=1e-12: F.normalize divides by eps instead and
+    its gradient skips the projection term. Identity head so z = e exactly."""
+    e, _, _, c, y = make_inputs(5, 33, 10, torch.float32)
+    e[2] = e[2] / e[2].norm() * 1e-13
+    for fn in FNS:
+        out, g = grads(call_op, fn, e, None, None, c, y)
+        ref, gr = grads(call_ref, fn, e, None, None, c, y)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g[0], gr[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [HEAD.MODE_CE, HEAD.MODE_LOGITS, HEAD.MODE_COS])
+def test_opcheck(mode):
+    e, w, b, c, y = make_inputs(7, 33, 10, torch.float32)
+    e.requires_grad_(True)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    labels = None if mode == HEAD.MODE_LOGITS else y
+    args = (e, w, b, c, labels, TAU, True, mode, mode == HEAD.MODE_CE)
+    torch.library.opcheck(torch.ops.advcal.head_fwd.default, args)
+    out, z, pc = torch.ops.advcal.head_fwd(*args)
+    grad = torch.randn_like(out)
+    bwd_args = (grad, z.detach(), pc.detach(), c, labels, e.detach(), w.detach(), b.detach())
+    torch.library.opcheck(
+        torch.ops.advcal.head_bwd.default, (*bwd_args, TAU, True, mode, True, True, True)
+    )
+
+
+def test_compile_fullgraph():
+    e, w, b, c, y = make_inputs(7, 33, 10, torch.float32)
+
+    def step(e, w, b):
+        loss = HEAD._head_ce_op(e, w, b, c, y, TAU)
+        return loss - HEAD._head_target_cos_op(e, w, b, c, y).mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    leaves = [t.clone().requires_grad_(True) for t in (e, w, b)]
+    out = compiled(*leaves)
+    out.backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (e, w, b)]
+    ref = (
+        ops.head_ce_ref(*ref_leaves, c, y, TAU) - ops.head_target_cos_ref(*ref_leaves, c, y).mean()
+    )
+    ref.backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ dispatcher
+
+
+def test_dispatch_cpu_uses_ref_and_forced_triton_says_why(monkeypatch):
+    e, w, b, c, y = make_inputs(7, 33, 10, torch.float32)
+    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    for op in ("head_ce", "head_logits", "head_target_cos"):
+        assert op in _dispatch.describe()
+        assert set(_dispatch.describe()[op]) == {"triton", "ref"}
+    assert _dispatch.select("head_ce", e, w, b, c, y, TAU).name == "ref"
+    torch.testing.assert_close(ops.head_ce(e, w, b, c, y, TAU), ops.head_ce_ref(e, w, b, c, y, TAU))
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
+    with pytest.raises(_dispatch.BackendUnavailableError, match="cpu"):
+        ops.head_ce(e, w, b, c, y, TAU)
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "ref")
+    assert _dispatch.select("head_logits", e, w, b, c, TAU).name == "ref"
+
+
+def test_errors_name_the_argument():
+    e, w, b, c, y = make_inputs(7, 33, 10, torch.float32)
+    with pytest.raises(ValueError, match="centers"):
+        ops.head_ce(e, w, b, c[:, :20], y, TAU)
+    with pytest.raises(ValueError, match="labels"):
+        ops.head_ce(e, w, b, c, y[:3], TAU)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.head_ce(e, w, b, c, y, TAU, reduction="max")
+    with pytest.raises(ValueError, match="tau"):
+        ops.head_logits(e, w, b, c, 0.0)
+    with pytest.raises(ValueError, match="residual"):
+        ops.head_ce(e, w[:20], b[:20], c[:, :20], y, TAU)
+
+
+# ------------------------------------------------------- Triton kernels under the interpreter
+
+
+def _kernel_path(fn, e, w, b, c, y, residual=True):
+    """The CUDA implementations of the custom ops, called directly: on CPU tensors they run
+    the Triton launchers under the interpreter."""
+    mode = {"ce_mean": 0, "ce_none": 0, "logits": 1, "cos": 2}[fn]
+    labels = None if mode == 1 else y
+    out, z, pc = HEAD._head_fwd_cuda(e, w, b, c, labels, TAU, residual, mode, True)
+
+    class _Out(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, e_, w_, b_):
+            return out.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            grads_ = HEAD._head_bwd_cuda(
+                grad, z, pc, c, labels, e, w, b, TAU, residual, mode, True, True, True
+            )
+            return tuple(t if t.numel() else None for t in grads_)  # empty: input was None
+
+    rows = _Out.apply(e, w, b)
+    return rows.mean() if fn == "ce_mean" else rows
+
+
+interp = pytest.mark.skipif(
+    not INTERP, reason="runs in the TRITON_INTERPRET=1 subprocess of test_kernels_in_interpreter"
+)
+
+
+@interp
+def test_interp_is_active():
+    from advcal.kernels import head_ce as kernels
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(kernels._head_rows_kernel, InterpretedFunction)
+
+
+@interp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d", "k"), INTERP_SHAPES)
+@pytest.mark.parametrize("fn", FNS)
+def test_interp_kernels_vs_ref(fn, bsz, d, k, dtype):
+    check(_kernel_path, fn, bsz, d, k, dtype)
+
+
+@interp
+@pytest.mark.parametrize("fn", FNS)
+def test_interp_plain_linear_identity_and_eps(fn):
+    check(_kernel_path, fn, 7, 40, 10, torch.float32, residual=False)
+    e, _, b, c, y = make_inputs(5, 33, 10, torch.float32)
+    e[2] = e[2] / e[2].norm() * 1e-13
+    for bias in (None, b):
+        ref, gr = grads(call_ref, fn, e, None, bias, c, y)
+        out, g = grads(_kernel_path, fn, e, None, bias, c, y)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(g, gr, strict=True):
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_in_interpreter():
+    """Run this file's ``interp`` tests in a child with TRITON_INTERPRET=1 set before Triton
+    is imported; they assert the kernels are InterpretedFunctions (the interpreter really ran)."""
+    if INTERP:
+        pytest.skip("already inside the interpreter run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-k",
+            "test_interp_",
+            "-p",
+            "no:cacheprovider",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d", "k"), GPU_SHAPES)
+@pytest.mark.parametrize("fn", FNS)
+def test_gpu_public_api_vs_ref(fn, bsz, d, k, dtype, monkeypatch):
+    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    e, w, b, c, y = make_inputs(bsz, d, k, dtype, "cuda")
+    assert _dispatch.select("head_ce", e, w, b, c, y, TAU).name == "triton"
+    check(call_public, fn, bsz, d, k, dtype, "cuda")
+
+
+@requires_cuda
+def test_gpu_compile_fullgraph():
+    e, w, b, c, y = make_inputs(257, 1024, 1000, torch.bfloat16, "cuda")
+    w.requires_grad_(True)
+    f = torch.compile(lambda e, w: ops.head_ce(e, w, b, c, y, TAU), fullgraph=True)
+    f(e, w).backward()
+    assert torch.isfinite(w.grad).all()
