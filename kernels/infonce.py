@@ -17,8 +17,9 @@ Kernels (fwd: 2 launches, 3 when symmetric; bwd: 1 per input that needs a gradie
    read X once, Y once per row block (``B/BLOCK_M * B D s``, L2-served), write B floats.
 3. ``_grad_kernel(X, Y)`` -- per ``BLOCK_M`` whole rows of X (``D_PAD`` wide, fp32
    accumulator in registers), one pass over Y: recompute ``S`` (``2 B^2 D``), form
-   ``dS = w_x exp(S - lse_x) [+ w_y exp(S - lse_y)]``, accumulate ``dS (Y / |Y|)``
-   (``2 B^2 D``), subtract the diagonal, then the normalisation backward of the row.
+   ``dS = w_x exp(S - lse_x) [+ w_y exp(S - lse_y)] - (w_x + w_y) I`` (the diagonal in fp32,
+   before the bf16 rounding, so ``p_ii - 1`` does not cancel), accumulate ``dS (Y / |Y|)``
+   (``2 B^2 D``), then the normalisation backward of the row.
    Called with (a, c) for ``dz_adv`` and (c, a) for ``dz_clean`` (skipped when the clean side
    is frozen, the usual case). Traffic: read X once, Y once per row block, write dX.
 
@@ -153,13 +154,13 @@ def _grad_kernel(
         if USE_Y:  # column-softmax term: y_j is the anchor (the other direction of the loss)
             lsey = tl.load(LSEY + rn, mask=mn, other=0.0)
             ds += w_y * tl.exp(s - lsey[None, :])
+        # the target term -(w_x + w_y) S_ii joins dS in fp32 *before* rounding for the dot:
+        # subtracted afterwards, a bf16-rounded w p_ii ~ w would leave 2^-9 w uncancelled
+        ds = tl.where(rn[None, :] == rm[:, None], ds - (w_x + w_y), ds)
         # fold 1/|y_j| into dS so the dot runs on raw y: sum_j dS_ij y_j / |y_j|
         ds = tl.where(mn[None, :], ds * rny[None, :], 0.0)
         acc = mma(to_lowp(ds, CDT, EMU), y, acc, IEEE, UPCAST)
-    # the target term -(w_x + w_y) S_ii contributes -(w_x + w_y) y_i / |y_i| to d x_n
-    y_self = tl.load(Y + rm[:, None] * stride_y + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-    rny_self = tl.load(RNY + rm, mask=mm, other=0.0)
-    dxn = (acc - (w_x + w_y) * y_self * rny_self[:, None]) * inv_tau
+    dxn = acc * inv_tau
     # F.normalize backward (the norm's gradient flows only where the eps clamp is inactive)
     xn = x * rnx[:, None]
     xdx = tl.where(nrm >= EPS, tl.sum(xn * dxn, axis=1), 0.0)
