@@ -17,10 +17,13 @@ import torch
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None, "warned": False}
+_kernels: dict[tuple[str, str], bool] = {}
 
 
 def load(warn: bool = True):
     """The loaded ``advcal._C`` module, or None (with one warning, the first time, if ``warn``)."""
+    if _state["tried"] and (_state["module"] is not None or _state["warned"] or not warn):
+        return _state["module"]  # fast path, lock-free (also traceable by torch.compile)
     with _lock:
         if not _state["tried"]:
             _state["tried"] = True
@@ -58,9 +61,12 @@ def why_unavailable() -> str | None:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``advcal::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
-    if not available():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"advcal::{op}", dispatch_key)
+    key = (op, dispatch_key)
+    if key not in _kernels:
+        _kernels[key] = available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"advcal::{op}", dispatch_key
+        )
+    return _kernels[key]
 
 
 def info() -> dict[str, object]:

@@ -162,7 +162,9 @@ def _prepare(x_adv, grad, x_orig, alpha, eps, lo, hi, norm):
     his = _floats(hi, n, "hi", none=math.inf)
     for i, x in enumerate(xs):
         if x.dtype not in DTYPES:
-            raise ValueError(f"x_adv[{i}] has dtype {x.dtype}; expected float32, bfloat16 or float16")
+            raise ValueError(
+                f"x_adv[{i}] has dtype {x.dtype}; expected float32, bfloat16 or float16"
+            )
         others = [("x_orig", x0s[i])] + ([("grad", gs[i])] if gs is not None else [])
         for name, t in others:
             if t.shape != x.shape:
@@ -210,9 +212,7 @@ def _tensor_reason(tensors: list[torch.Tensor], device_type: str) -> str | None:
 
 def _make_why_not(key: str, device_type: str):
     def why_not(xs, gs, x0s, *args) -> str | None:
-        return _ext_reason(key) or _tensor_reason(
-            [*xs, *(gs or ()), *x0s], device_type
-        )
+        return _ext_reason(key) or _tensor_reason([*xs, *(gs or ()), *x0s], device_type)
 
     why_not.general = lambda: _ext_reason(key)  # type: ignore[attr-defined]
     why_not.device = lambda device: (  # type: ignore[attr-defined]
@@ -237,7 +237,12 @@ def _start_ext(xs, gs, x0s, epss, los, his, norm, generator) -> None:
 
 def _start_ref(xs, gs, x0s, epss, los, his, norm, generator) -> None:
     random_start_ref_(
-        xs, x0s, eps=epss, lo=_none_if_inf(los), hi=_none_if_inf(his), norm=norm,
+        xs,
+        x0s,
+        eps=epss,
+        lo=_none_if_inf(los),
+        hi=_none_if_inf(his),
+        norm=norm,
         generator=generator,
     )
 
@@ -263,6 +268,11 @@ _warned: set[str] = set()
 
 
 def _select(op: str, *args) -> _dispatch.Backend:
+    if torch.compiler.is_compiling():
+        # inside torch.compile: the op (with its fake kernel) when built, else the reference,
+        # which traces as plain PyTorch; the eager call before compiling did the checking.
+        key = "CUDA" if args[0][0].device.type == "cuda" else "CPU"
+        return _dispatch._OPS[op][1 if _ext.has_kernel(op, key) else -1]
     _ext.load()  # the one warning when advcal._C is missing
     backend = _dispatch.select(op, *args)
     if backend.name == "ref" and _ext.available() and _dispatch.forced_backend() != "ref":
@@ -290,8 +300,8 @@ def pgd_step_(
     *,
     alpha: float | Sequence[float],
     eps: float | Sequence[float],
-    lo: float | None | Sequence[float | None] = None,
-    hi: float | None | Sequence[float | None] = None,
+    lo: float | Sequence[float | None] | None = None,
+    hi: float | Sequence[float | None] | None = None,
     norm: str = "linf",
 ) -> None:
     """One PGD update of every tensor of ``x_adv`` in place (see the module docstring)."""
@@ -306,8 +316,8 @@ def random_start_(
     x_orig: torch.Tensor | Sequence[torch.Tensor],
     *,
     eps: float | Sequence[float],
-    lo: float | None | Sequence[float | None] = None,
-    hi: float | None | Sequence[float | None] = None,
+    lo: float | Sequence[float | None] | None = None,
+    hi: float | Sequence[float | None] | None = None,
     norm: str = "linf",
     generator: torch.Generator | None = None,
 ) -> None:
@@ -324,6 +334,8 @@ def random_start_(
 # --------------------------------------------------------------------- fake (meta) kernels
 
 if _ext.available():
+    for _op in ("pgd_step_", "random_start_"):  # cache, so compiled code only reads a dict
+        _ext.has_kernel(_op, "CPU"), _ext.has_kernel(_op, "CUDA")
 
     @torch.library.register_fake("advcal::pgd_step_")
     def _pgd_step_fake(x_adv, grad, x_orig, alpha, eps, lo, hi, norm) -> None:
