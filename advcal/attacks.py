@@ -57,23 +57,27 @@ class ZeroShotClassifier(nn.Module):
         """Frozen backbone embedding (before the head), ``(B, D)``."""
         return self.backbone.encode(self.modality, x, check=False)
 
-    def _params(self):
-        fused = self.head.fused() if self.head is not None else (None, None, False)
-        return fused
+    def _head_args(self, e: torch.Tensor):
+        """``(input, weight, bias, residual)`` for the fused ops: linear heads go into the op;
+        an MLP head runs first and the op sees its output."""
+        if self.head is None:
+            return e, None, None, False
+        fused = self.head.fused()
+        if fused is None:
+            return self.head(e), None, None, False
+        return (e, *fused)
 
     def logits_from_embedding(self, e: torch.Tensor) -> torch.Tensor:
-        fused = self._params()
-        if fused is None:  # MLP head: run it, then the shared normalise + logits op
-            return ops.head_logits(self.head(e), None, None, self.centers, self.tau, residual=False)
-        w, b, residual = fused
-        return ops.head_logits(e, w, b, self.centers, self.tau, residual=residual)
+        x, w, b, residual = self._head_args(e)
+        return ops.head_logits(x, w, b, self.centers, self.tau, residual=residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embedding(self.embed(x))
 
     def target_cos(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``cos(z, c_y)`` per sample (CrossMaxim's objective)."""
-        return self.forward(x).gather(1, y[:, None]).squeeze(1) * self.tau
+        """``cos(z, c_y)`` per sample (CrossMaxim's objective), one fused op."""
+        inp, w, b, residual = self._head_args(self.embed(x))
+        return ops.head_target_cos(inp, w, b, self.centers, y, residual=residual)
 
 
 @dataclass(frozen=True)
