@@ -272,7 +272,9 @@ def _select(op: str, *args) -> _dispatch.Backend:
         # inside torch.compile: the op (with its fake kernel) when built, else the reference,
         # which traces as plain PyTorch; the eager call before compiling did the checking.
         key = "CUDA" if args[0][0].device.type == "cuda" else "CPU"
-        return _dispatch._OPS[op][1 if _ext.has_kernel(op, key) else -1]
+        tensors = [*args[0], *(args[1] or ()), *args[2]]
+        ok = _ext.has_kernel(op, key) and all(t.is_contiguous() for t in tensors)
+        return _dispatch._OPS[op][1 if ok else -1]
     _ext.load()  # the one warning when advcal._C is missing
     backend = _dispatch.select(op, *args)
     if backend.name == "ref" and _ext.available() and _dispatch.forced_backend() != "ref":
