@@ -18,10 +18,10 @@ Construction (all ours, small enough to pretrain on a laptop CPU in a few minute
 * **Binding**: each encoder is trained so that ``cos(e, C) / tau`` (``tau = 0.07``) classifies
   its input, where ``C`` are the fixed text centers of the digits class prompts — the CLIP/
   ImageBind recipe with the text side frozen.
-* **Input-noise augmentation**: with plain training these encoders are so brittle that PGD at
-  4/255 drives robust accuracy to 0 and no head can recover anything. Gaussian input noise with
-  a per-sample sigma drawn uniformly in ``[0, noise[m]]`` leaves some robust signal (the
-  regime in which calibration heads help, as with the large Bind models).
+* **Augmentation**: Gaussian input noise with a per-sample sigma drawn uniformly in
+  ``[0, noise[m]]`` (a prototype without it had 0% robust accuracy at 4/255, so that no head
+  could help), plus small shifts (images) / rotation-scale-offset (points) against overfitting.
+  Result: encoders that are accurate but brittle — the regime where calibration heads help.
 
 ``load()`` reads a checkpoint, or the cache ``$ADVCAL_CACHE/minibind-<config hash>.safetensors``
 (default ``~/.cache/advcal``), or pretrains deterministically and writes that cache atomically.
@@ -51,12 +51,13 @@ log = logging.getLogger("advcal.minibind")
 FORMAT = "advcal-minibind-v1"
 MODALITIES = ("image", "video", "audio", "depth", "thermal", "point", "event")
 # bump when the digits render or the architecture changes: it is part of the cache key
-VERSION = 1
+VERSION = 2
 
 # Default attack budgets: pixels/event frames 4/255 of [0, 1]; the waveform 4/255 absolute in
-# [-1, 1] (the tones are quiet, amplitude 0.05..0.1, so this is a real budget); points 0.02
-# coordinate units (a third of a 1/32 pixel cell of the [-1, 1] frame).
-POINT_EPS = 0.02
+# [-1, 1] (the tones are quiet, amplitude 0.05..0.1, so this is a real budget); points 0.015
+# coordinate units, a quarter of one 2/32 pixel cell of the [-1, 1] frame (0.02 left only ~6%
+# PGD-20 robust accuracy, 0.01 ~37%).
+POINT_EPS = 0.015
 
 
 def specs(
@@ -88,26 +89,33 @@ class MiniBindConfig:
     """Architecture + pretraining recipe; its hash names the cached checkpoint.
 
     ``noise`` is the per-modality maximum sigma of the Gaussian input-noise augmentation, in
-    input units (pixels in [0, 1]; waveform in [-1, 1]; point coordinates).
+    input units (pixels in [0, 1]; waveform in [-1, 1]; point coordinates). The defaults were
+    tuned with ``scripts/probe_minibind.py`` so that every encoder is >= 90% clean on the test
+    split and PGD-20 at the spec eps leaves roughly 5-50% (brittle, not hopeless): image needs
+    little noise (shift augmentation already smooths it), video/depth/thermal take 0.1.
     """
 
     embed_dim: int = 256
     width: int = 16  # channels of the first conv; doubles per stage
     modalities: tuple[str, ...] = MODALITIES
     tau: float = 0.07
-    epochs: int = 8
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-4
     noise: tuple[tuple[str, float], ...] = (
-        ("image", 0.1),
+        ("image", 0.03),
         ("video", 0.1),
         ("audio", 0.03),
         ("depth", 0.1),
         ("thermal", 0.1),
         ("point", 0.03),
-        ("event", 0.1),
+        ("event", 0.06),
     )
+    # geometric augmentation: image-like inputs shift by up to `shift` pixels, point clouds get
+    # a small random rotation/scale/offset; without it video/event/point overfit (train 99%,
+    # test ~83%) on 1347 samples
+    shift: int = 2
     seed: int = 0
     data_seed: int = 0
     text_seed: int = 1234
@@ -269,6 +277,7 @@ class PointEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(1, keepdim=True)  # centre the cloud: translation is nuisance
         h = self.mlp(x.transpose(1, 2))  # (B, C, N): Conv1d k=1 is the shared MLP
         return self.head(h.amax(2))
 
@@ -424,7 +433,7 @@ def pretrain(
                 total = 0.0
                 opt.zero_grad(set_to_none=True)
                 for m in config.modalities:
-                    x = _augment(dataset.inputs[m][idx], model.spec(m), config.sigma(m), g)
+                    x = _augment(dataset.inputs[m][idx], model.spec(m), config, m, g)
                     z = F.normalize(encoders[m](x), dim=-1)
                     loss = F.cross_entropy(z @ centers.T / config.tau, y)
                     loss.backward()
@@ -443,11 +452,39 @@ def pretrain(
     return model
 
 
-def _augment(x: torch.Tensor, spec: InputSpec, sigma: float, g: torch.Generator) -> torch.Tensor:
-    """``x + s * N(0, 1)`` with ``s ~ U(0, sigma)`` per sample, clamped to the spec's range."""
+def _augment(
+    x: torch.Tensor, spec: InputSpec, config: MiniBindConfig, m: str, g: torch.Generator
+) -> torch.Tensor:
+    """Geometric jitter, then ``x + s * N(0, 1)`` with ``s ~ U(0, sigma_m)`` per sample, clamped.
+
+    Image-like ``(B, ..., 32, 32)``: integer shift of up to ``config.shift`` px per sample
+    (border padding). Points ``(B, N, 3)``: rotation about z (+-0.15 rad), scale 0.9..1.1,
+    offset +-0.05 per sample. Audio: noise only (the tones are stationary already).
+    """
+    b = x.shape[0]
+    if config.shift and x.dim() >= 4:
+        shape = x.shape
+        flat = x.reshape(b, -1, *shape[-2:])  # (B, C', H, W); video folds T into C'
+        h, w = shape[-2:]
+        d = torch.randint(-config.shift, config.shift + 1, (b, 2), generator=g).float()
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        theta[:, 0, 2], theta[:, 1, 2] = 2 * d[:, 0] / w, 2 * d[:, 1] / h
+        grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+        flat = F.grid_sample(flat, grid, mode="nearest", padding_mode="border", align_corners=False)
+        x = flat.reshape(shape)
+    elif config.shift and m == "point":
+        rot = (torch.rand(b, generator=g) * 2 - 1) * 0.15
+        c, s = torch.cos(rot)[:, None], torch.sin(rot)[:, None]
+        x = torch.stack(
+            [c * x[..., 0] - s * x[..., 1], s * x[..., 0] + c * x[..., 1], x[..., 2]], -1
+        )
+        x = x * (0.9 + 0.2 * torch.rand(b, 1, 1, generator=g))
+        x = x + (torch.rand(b, 1, 3, generator=g) * 2 - 1) * 0.05
+    sigma = config.sigma(m)
     if sigma <= 0:
         return x
-    s = sigma * torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=g)
+    s = sigma * torch.rand((b,) + (1,) * (x.dim() - 1), generator=g)
     x = x + s * torch.randn(x.shape, generator=g)
     if spec.lo is not None or spec.hi is not None:
         x = x.clamp(spec.lo, spec.hi)
