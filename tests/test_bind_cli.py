@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tolerances import FP32
 
 from advcal import backbones
 from advcal.backbones import imagebind as ib
@@ -310,3 +314,48 @@ def test_evaluate_wrong_config_is_a_clean_error(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "advcal evaluate: error:" in err and "config=" in err
     assert not (tmp_path / "eval" / "report.json").exists()
+
+
+# -- convert-centers ---------------------------------------------------------------------------
+def _centre_pickle(tmp: Path) -> tuple[Path, dict]:
+    g = torch.Generator().manual_seed(4)
+    obj = {c: torch.randn(5, 24, generator=g) for c in CLASSES}  # UniBind: {label: (n, D)}
+    src = tmp / "centres.pkl"
+    src.write_bytes(pickle.dumps(obj))
+    return src, obj
+
+
+def test_convert_centers_needs_trust_pickle(tmp_path: Path, capsys) -> None:
+    """Without --trust-pickle: exit 2, one line naming the flag, nothing written."""
+    src, _ = _centre_pickle(tmp_path)
+    dst = tmp_path / "centres.safetensors"
+    assert main(["convert-centers", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("advcal convert-centers: error:") and "--trust-pickle" in err
+    assert "Traceback" not in err and not dst.exists()
+    # the installed entry point behaves the same in a fresh process (no traceback)
+    proc = subprocess.run(
+        [sys.executable, "-m", "advcal.cli", "convert-centers", str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--trust-pickle" in proc.stderr
+    assert "Traceback" not in proc.stderr and not dst.exists()
+
+
+def test_convert_centers_with_trust_pickle_writes_loadable_safetensors(
+    tmp_path: Path, capsys
+) -> None:
+    src, obj = _centre_pickle(tmp_path)
+    dst = tmp_path / "out" / "centres.safetensors"
+    assert main(["convert-centers", str(src), str(dst), "--trust-pickle"]) == 0
+    assert "15 centres of width 24 for 3 classes" in capsys.readouterr().out
+    mc = ub.load_centers(dst)
+    assert mc.class_names == list(CLASSES)
+    assert mc.labels.tolist() == [i for i in range(len(CLASSES)) for _ in range(5)]
+    want = torch.nn.functional.normalize(torch.cat([obj[c] for c in CLASSES]), dim=-1)
+    torch.testing.assert_close(mc.centers, want, **FP32)
+    # a missing source is a clean error too
+    assert main(["convert-centers", str(tmp_path / "absent.pkl"), str(dst), "--trust-pickle"]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -4,33 +4,36 @@ the released key manifest, vectorised grouping vs a naive reference, gradients f
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import fixtures_dir
+from test_imagebind import fixture_stems  # every tiny set in the fixture folder
+from tolerances import PARITY_ATOL
 
 from advcal.backbones import pointbert as pb
 from advcal.backbones.languagebind import load_state_dict_checked
 
-TOL = 1e-5  # fp32 parity; never loosened
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("ADVCAL_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-STEM = FIXTURES / "pointbind_pointbert_tiny_A"
+FIXTURES = fixtures_dir()
+STEMS = fixture_stems("pointbind_pointbert")  # pointbind_pointbert_tiny_<set>
 
 needs_fixture = pytest.mark.skipif(
-    not STEM.with_suffix(".safetensors").is_file(),
-    reason=f"Point-Bind parity fixture not found at {STEM}.safetensors (set ADVCAL_FIXTURES)",
+    not STEMS,
+    reason="no Point-Bind parity fixture pointbind_pointbert_tiny_* ($ADVCAL_FIXTURES or "
+    "../shared/fixtures)",
 )
 
 
-@pytest.fixture(scope="module")
-def fx() -> tuple[dict, dict[str, torch.Tensor]]:
+@pytest.fixture(scope="module", params=STEMS or [None], ids=lambda p: p.name if p else "absent")
+def fx(request) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    meta = json.loads(STEM.with_suffix(".json").read_text())
-    return meta, load_file(str(STEM.with_suffix(".safetensors")))
+    if request.param is None:
+        pytest.skip("no pointbind_pointbert_tiny_* fixture")
+    stem = request.param
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    return meta, load_file(str(stem.with_suffix(".safetensors")))
 
 
 def recorded_starts(meta: dict, n_points: int, batch: int) -> torch.Tensor:
@@ -44,8 +47,14 @@ def recorded_starts(meta: dict, n_points: int, batch: int) -> torch.Tensor:
     return starts
 
 
+def out_dim_of(tensors: dict) -> int:
+    """The point head's output width (= the bind model's out_embed_dim), from the weights."""
+    return tensors["param.bind.modality_head_point.2.weight"].shape[0]
+
+
 def build(meta: dict, tensors: dict) -> pb.PointBind:
-    out_dim = tensors["param.bind.modality_head_point.2.weight"].shape[0]
+    out_dim = out_dim_of(tensors)
+    assert out_dim == meta["bind_constructor_kwargs"]["out_embed_dim"]
     model = pb.pointbind_pointbert(
         meta["pointbert_config"], out_embed_dim=out_dim, pc_feat_dims=meta["pc_feat_dims"]
     ).eval()
@@ -77,17 +86,17 @@ def test_parity_tiny_A(fx) -> None:
         enc = model.encode_pc(pc, start)
         head = model.head(enc)
         out = model(pc, start)
-    assert maxdiff(center, t["grp.center"]) <= TOL
+    assert maxdiff(center, t["grp.center"]) <= PARITY_ATOL
     assert neighborhood.shape == t["grp.neighborhood"].shape
-    assert set_diff(neighborhood, t["grp.neighborhood"]) <= TOL
-    assert maxdiff(feat, t["pre.point_encoder"]) <= TOL
-    assert maxdiff(enc, t["pre.encode_pc"]) <= TOL
-    assert maxdiff(head, t["pre.head_point"]) <= TOL
-    assert maxdiff(out, t["out.pc_embed"]) <= TOL
+    assert set_diff(neighborhood, t["grp.neighborhood"]) <= PARITY_ATOL
+    assert maxdiff(feat, t["pre.point_encoder"]) <= PARITY_ATOL
+    assert maxdiff(enc, t["pre.encode_pc"]) <= PARITY_ATOL
+    assert maxdiff(head, t["pre.head_point"]) <= PARITY_ATOL
+    assert maxdiff(out, t["out.pc_embed"]) <= PARITY_ATOL
     # the recorded grouping fed directly gives the same feature (bypasses FPS entirely)
     with torch.no_grad():
         feat2 = model.point_encoder.forward_groups(t["grp.neighborhood"], t["grp.center"])
-    assert maxdiff(feat2, t["pre.point_encoder"]) <= TOL
+    assert maxdiff(feat2, t["pre.point_encoder"]) <= PARITY_ATOL
 
 
 @needs_fixture
@@ -163,7 +172,9 @@ def test_full_pointbind_manifest_with_native_imagebind() -> None:
     man = json.loads(path.read_text())
     with torch.device("meta"):
         model = pb.pointbind_pointbert(
-            man["pointbert_config"], out_embed_dim=1024, bind=ib.ImageBind(ib.imagebind_huge())
+            man["pointbert_config"],
+            out_embed_dim=man["keys"]["bind.modality_head_point.2.weight"]["shape"][0],
+            bind=ib.ImageBind(ib.imagebind_huge()),
         )
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert got == {k: v["shape"] for k, v in man["keys"].items()}
@@ -178,7 +189,7 @@ def test_gradient_step_in_coordinate_units(fx) -> None:
     meta, t = fx
     model = build(meta, t)
     pc = t["in.pc"].clone()
-    target = torch.nn.functional.normalize(torch.randn(pc.shape[0], 24), dim=-1)
+    target = torch.nn.functional.normalize(torch.randn(pc.shape[0], out_dim_of(t)), dim=-1)
     x = pc.clone().requires_grad_(True)
     loss = -(model(x) * target).sum()
     (grad,) = torch.autograd.grad(loss, x)

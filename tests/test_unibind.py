@@ -5,28 +5,33 @@ through every modality."""
 from __future__ import annotations
 
 import json
-import os
+import logging
 import pickle
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fixtures_dir
+from safetensors.torch import save_file
+from test_imagebind import fixture_stems  # every tiny set in the fixture folder
+from test_pointbert import recorded_starts  # the sidecar's FPS starts, seed-checked
+from tolerances import FP32, PARITY_ATOL
 
 from advcal.backbones import imagebind as ib
 from advcal.backbones import pointbert as pb
 from advcal.backbones import unibind as ub
+from advcal.backbones.clip_tokenizer import get_tokenizer
 
-TOL = 1e-5  # fp32 parity; never loosened
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("ADVCAL_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-PB_STEM = FIXTURES / "pointbind_pointbert_tiny_A"
-IB_STEM = FIXTURES / "imagebind_tiny_A"
+FIXTURES = fixtures_dir()
+PB_STEMS = fixture_stems("pointbind_pointbert")  # pointbind_pointbert_tiny_<set>
 
 needs_fixture = pytest.mark.skipif(
-    not (PB_STEM.with_suffix(".safetensors").is_file() and IB_STEM.with_suffix(".json").is_file()),
-    reason=f"Point-Bind / ImageBind fixtures not found in {FIXTURES} (set ADVCAL_FIXTURES)",
+    not PB_STEMS,
+    reason="no Point-Bind fixture pointbind_pointbert_tiny_* ($ADVCAL_FIXTURES or "
+    "../shared/fixtures)",
 )
 
 
@@ -35,12 +40,15 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def pbfx() -> tuple[dict, dict[str, torch.Tensor]]:
+@pytest.fixture(scope="module", params=PB_STEMS or [None], ids=lambda p: p.name if p else "absent")
+def pbfx(request) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
-    meta = json.loads(PB_STEM.with_suffix(".json").read_text())
-    return meta, load_file(str(PB_STEM.with_suffix(".safetensors")))
+    if request.param is None:
+        pytest.skip("no pointbind_pointbert_tiny_* fixture ($ADVCAL_FIXTURES)")
+    stem = request.param
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    return meta, load_file(str(stem.with_suffix(".safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +74,6 @@ def tiny_ckpt(pbfx, tmp_path_factory) -> tuple[Path, dict, dict]:
         if k.startswith("mlp_for_"):
             sd[k] = torch.randn(sd[k].shape, generator=g) * 0.1
     path = tmp_path_factory.mktemp("unibind") / "unibind_tiny.safetensors"
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path, ib_cfg, meta["pointbert_config"]
 
@@ -82,14 +88,17 @@ def tiny(tiny_ckpt) -> ub.UniBindBackbone:
 
 @needs_fixture
 def test_tiny_checkpoint_loads_and_point_path_matches_pointbind(tiny, pbfx) -> None:
-    _, t = pbfx
+    meta, t = pbfx
     assert set(tiny.modalities) == set(ub.UNIBIND_MODALITIES)
     assert all(not p.requires_grad for p in tiny.parameters())
     pc = t["in.pc"]
-    tiny.fps_start = torch.tensor([253, 181])  # the recorded upstream FPS starts
-    with torch.no_grad():
-        z = tiny.encode("point", pc)
-    assert maxdiff(z, F.normalize(t["out.pc_embed"], dim=-1)) <= TOL
+    tiny.fps_start = recorded_starts(meta, pc.shape[1], pc.shape[0])  # the sidecar's starts
+    try:
+        with torch.no_grad():
+            z = tiny.encode("point", pc)
+    finally:
+        tiny.fps_start = 0
+    assert maxdiff(z, F.normalize(t["out.pc_embed"], dim=-1)) <= PARITY_ATOL
 
 
 @needs_fixture
@@ -101,13 +110,13 @@ def test_vision_paths_are_imagebind_plus_normalisation(tiny) -> None:
     std = torch.tensor(ib.CLIP_STD).view(1, 3, 1, 1)
     with torch.no_grad():
         want = F.normalize(tiny.model.bind.encode("vision", (x - mean) / std), dim=-1)
-        assert maxdiff(tiny.encode("image", x), want) <= TOL
-        assert maxdiff(tiny.encode("event", x), want) <= TOL
+        assert maxdiff(tiny.encode("image", x), want) <= PARITY_ATOL
+        assert maxdiff(tiny.encode("event", x), want) <= PARITY_ATOL
         w, b = tiny.head_weights("image")
         tiny.apply_heads = True
         got = tiny.encode("image", x)
         tiny.apply_heads = False
-    assert maxdiff(got, F.normalize(want @ w.t() + b, dim=-1)) <= TOL
+    assert maxdiff(got, F.normalize(want @ w.t() + b, dim=-1)) <= PARITY_ATOL
     assert tiny.has_head("point") and not tiny.has_head("audio")
     with pytest.raises(KeyError, match="mlp_for_audio"):
         tiny.head_weights("audio")
@@ -181,12 +190,16 @@ def test_events_to_frame() -> None:
 
 
 @needs_fixture
-def test_pgd_step_through_every_modality(tiny) -> None:
+def test_pgd_step_through_every_modality(tiny, pbfx) -> None:
     from advcal.ops import pgd_step_
 
     g = torch.Generator().manual_seed(4)
     centers = tiny.centers(["dog", "cat"], templates=["a photo of a {}."])
-    lengths = {"video": 2, "audio": 16000 * 2, "point": 256}
+    lengths = {
+        "video": tiny.image_bb.config.video_frames,  # one clip
+        "audio": tiny.image_bb.audio_clip_samples,  # one clip
+        "point": pbfx[1]["in.pc"].shape[1],  # the fixture's cloud size
+    }
     for m in tiny.modalities:
         spec = tiny.spec(m)
         shape = tuple(s if s > 0 else lengths[m] for s in spec.shape)
@@ -200,3 +213,239 @@ def test_pgd_step_through_every_modality(tiny) -> None:
         x_adv = x0.clone()
         pgd_step_([x_adv], [grad], [x0], alpha=spec.eps, eps=spec.eps, lo=spec.lo, hi=spec.hi)
         assert 0 < (x_adv - x0).abs().max() <= spec.eps + 1e-6 * x0.abs().max(), m
+
+
+# -- centre pickles: the formats upstream writes, CUDA tensors on a CPU machine --------------
+def _cuda_tagged(fn):
+    """Run ``fn`` while torch tags every saved storage as ``cuda:0``: what a pickle written on a
+    GPU machine holds (torch.save and plain pickle.dump of tensors both go through this tag)."""
+    with mock.patch("torch.serialization.location_tag", lambda storage: "cuda:0"):
+        return fn()
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch_zip", "torch_legacy"])
+def test_convert_centers_maps_cuda_tensors_to_cpu(tmp_path: Path, writer: str) -> None:
+    g = torch.Generator().manual_seed(6)
+    obj = {"dog": torch.randn(50, 8, generator=g), 7: torch.randn(50, 8, generator=g)}
+    src = tmp_path / "centres.pkl"
+
+    def write() -> None:
+        if writer == "pickle":
+            src.write_bytes(pickle.dumps(obj))
+        else:
+            torch.save(obj, src, _use_new_zipfile_serialization=writer == "torch_zip")
+
+    _cuda_tagged(write)
+    if not torch.cuda.is_available():  # the stock loaders refuse: the test is not vacuous
+        with pytest.raises(RuntimeError, match="CUDA"):
+            if writer == "pickle":
+                pickle.loads(src.read_bytes())
+            else:
+                torch.load(src, weights_only=False)
+    dst = ub.convert_centers(src, tmp_path / "c.safetensors", trust_pickle=True)
+    mc = ub.load_centers(dst)
+    assert mc.class_names == ["dog", "7"] and mc.labels.tolist() == [0] * 50 + [1] * 50
+    want = F.normalize(torch.cat([obj["dog"], obj[7]]), dim=-1)
+    torch.testing.assert_close(mc.centers, want, **FP32)
+
+
+def test_convert_centers_accepts_lists_and_rejects_bad_files(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randn(3, 5, generator=g)
+    obj = {
+        "list_of_lists": rows.tolist(),
+        "list_of_tensors": [rows[0], rows[1]],
+        "list_of_arrays": [rows[2].numpy()],
+        "one_vector": rows[0].tolist(),
+    }
+    src = tmp_path / "lists.pkl"
+    src.write_bytes(pickle.dumps(obj))
+    mc = ub.load_centers(ub.convert_centers(src, tmp_path / "l.safetensors", trust_pickle=True))
+    want = torch.cat([rows, rows[:2], rows[2:], rows[:1]])
+    torch.testing.assert_close(mc.centers, F.normalize(want, dim=-1), **FP32)
+    assert mc.labels.tolist() == [0, 0, 0, 1, 1, 2, 3]
+    bad = tmp_path / "widths.pkl"
+    bad.write_bytes(pickle.dumps({"a": torch.zeros(2, 4) + 1, "b": torch.ones(2, 5)}))
+    with pytest.raises(ValueError, match="width 5"):
+        ub.convert_centers(bad, tmp_path / "x.safetensors", trust_pickle=True)
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(src.read_bytes()[:40])
+    with pytest.raises(ValueError, match="cannot unpickle"):
+        ub.convert_centers(cut, tmp_path / "y.safetensors", trust_pickle=True)
+
+
+def test_multi_centers_api(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = ib.imagebind_tiny()
+    bb = ub.UniBindBackbone(ub.UniBind(ib.ImageBind(cfg), None, ["image"]))
+    with pytest.raises(ValueError, match="convert-centers"):
+        bb.multi_centers()
+    g = torch.Generator().manual_seed(9)
+    src = tmp_path / "c.pkl"
+    obj = {"dog": torch.randn(4, cfg.out_embed_dim, generator=g)}
+    obj["cat"] = torch.randn(2, cfg.out_embed_dim, generator=g)
+    src.write_bytes(pickle.dumps(obj))
+    dst = ub.convert_centers(src, tmp_path / "c.safetensors", trust_pickle=True)
+    bb.centers_path = dst
+    mc = bb.multi_centers()
+    assert mc.centers.shape == (6, cfg.out_embed_dim) and mc.class_names == ["dog", "cat"]
+    torch.testing.assert_close(mc.centers.norm(dim=-1), torch.ones(6), **FP32)
+    assert bb.multi_centers(dst).labels.tolist() == [0, 0, 0, 0, 1, 1]
+    narrow = tmp_path / "n.pkl"
+    narrow.write_bytes(pickle.dumps({"dog": torch.randn(2, cfg.out_embed_dim + 1)}))
+    with pytest.raises(ValueError, match="wide"):
+        bb.multi_centers(ub.convert_centers(narrow, tmp_path / "n.st", trust_pickle=True))
+    w, b = bb.head_weights("image")
+    assert w.shape == (cfg.out_embed_dim, cfg.out_embed_dim) and b.shape == (cfg.out_embed_dim,)
+    assert bb.head_modalities == ("image",)
+
+
+# -- text: UniBind's vendored tokenizer ------------------------------------------------------
+def test_text_truncates_hard_at_77_like_unibinds_tokenizer() -> None:
+    """Point-Bind/UniBind's vendored SimpleTokenizer keeps the first 77 ids of
+    [sot] + bpe + [eot] (eot lost when too long); ImageBind's current one forces eot."""
+    torch.manual_seed(0)
+    bb = ub.UniBindBackbone(ub.UniBind(ib.ImageBind(ib.imagebind_tiny()), None, []))
+    text = "a photo of a small brown dog running " * 12  # ~85 BPE tokens
+    tok = get_tokenizer()
+    full = [tok.sot_id, *tok.encode(text), tok.eot_id]
+    assert len(full) > 77
+    ids = bb.image_bb.tokenize([text])
+    assert ids[0].tolist() == full[:77] and tok.eot_id not in ids[0].tolist()
+    short = bb.image_bb.tokenize(["a dog"])[0].tolist()
+    assert short[:4] == [tok.sot_id, *tok.encode("a dog"), tok.eot_id]
+    with torch.no_grad():
+        z = bb.encode_text([text])
+        want = F.normalize(bb.model.bind.encode("text", torch.tensor([full[:77]])), dim=-1)
+        eot_style = F.normalize(
+            bb.model.bind.encode("text", torch.tensor([[*full[:76], tok.eot_id]])), dim=-1
+        )
+    torch.testing.assert_close(z, want, **FP32)
+    assert (z - eot_style).abs().max() > 1e-3  # the rule matters for the embedding
+    # ImageBind itself keeps its own convention
+    assert ib.ImageBindBackbone(bb.model.bind).tokenize([text])[0, -1] == tok.eot_id
+
+
+# -- checkpoints: merge order, conflicts, truncated/foreign files, I2P-MAE -----------------------
+def _tiny_unibind_files(tmp: Path) -> tuple[dict, dict, dict[str, Path]]:
+    """ImageBind-only, UniBind-layout (``backbone.bind.*`` + mlp) and Point-Bind-layout files
+    of one tiny model, written as a user would hold them."""
+    torch.manual_seed(3)
+    ib_cfg = ib.imagebind_tiny().to_kwargs()
+    pcfg = {"trans_dim": 32, "depth": 1, "num_heads": 2, "group_size": 8, "num_group": 16}
+    pcfg["encoder_dims"] = 32
+    model = ub.UniBind(ib.ImageBind(ib.ImageBindConfig(**ib_cfg)), pcfg, ["image"])
+    sd = model.state_dict()
+    point_path = (  # POINTBIND's point path, under UniBind's backbone. prefix
+        "backbone.point_encoder.",
+        "backbone.pc_projection",
+        "backbone.logit_scale",
+        "backbone.bind.modality_head_point.",
+        "backbone.bind.modality_postprocessor_point.",
+    )
+    files = {
+        "imagebind": {  # plain ImageBind names (modality_*), no point head
+            k.removeprefix("backbone.bind."): v
+            for k, v in sd.items()
+            if k.startswith("backbone.bind.") and not k.startswith(point_path)
+        },
+        "unibind": {k: v for k, v in sd.items() if not k.startswith(point_path)},
+        "pointbind": {  # Point-Bind's names (bind.*, point_encoder.*): the point path only
+            k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith(point_path)
+        },
+    }
+    paths = {}
+    for name, d in files.items():
+        paths[name] = tmp / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in d.items()}, str(paths[name]))
+    return ib_cfg, pcfg, paths
+
+
+def test_checkpoint_merge_is_order_free_and_conflicts_are_named(tmp_path: Path) -> None:
+    from advcal.backbones import load
+
+    ib_cfg, pcfg, p = _tiny_unibind_files(tmp_path)
+    kw = {"imagebind_config": ib_cfg, "point_config": pcfg}
+    x = torch.rand(2, 3, ib_cfg["image_size"], ib_cfg["image_size"])
+    outs = []
+    for order in (["unibind", "imagebind", "pointbind"], ["pointbind", "imagebind", "unibind"]):
+        bb = load("unibind", checkpoint=[p[n] for n in order], **kw)
+        assert "point" in bb.modalities and bb.head_modalities == ("image",)
+        with torch.no_grad():
+            outs.append(bb.encode("image", x))
+    assert torch.equal(outs[0], outs[1])
+    # the same key, different values, in two files: an error naming the key and both files
+    sd = ib.read_checkpoint(p["imagebind"])
+    key = "modality_heads.vision.2.weight"
+    sd[key] = sd[key] + 1.0
+    other = tmp_path / "other_imagebind.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(other))
+    with pytest.raises(ib.CheckpointError, match=r"bind\.modality_heads\.vision\.2\.weight") as e:
+        load("unibind", checkpoint=[p["unibind"], other], **kw)
+    assert str(p["unibind"]) in str(e.value) and str(other) in str(e.value)
+    # within one file, two spellings of one tensor must agree
+    with pytest.raises(ValueError, match="both name"):
+        ub.canonical_state_dict({"bind.modality_x": torch.zeros(2), "modality_x": torch.ones(2)})
+
+
+def test_truncated_missing_and_unexpected_checkpoints(tmp_path: Path) -> None:
+    from advcal.backbones import load
+
+    ib_cfg, pcfg, p = _tiny_unibind_files(tmp_path)
+    kw = {"imagebind_config": ib_cfg, "point_config": pcfg}
+    data = p["unibind"].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ib.CheckpointError, match="truncated"):
+        load("unibind", checkpoint=cut, **kw)
+    sd = ib.read_checkpoint(p["unibind"])
+    gone = "backbone.bind.modality_trunks.vision.blocks.0.attn.in_proj_weight"
+    miss = tmp_path / "missing.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items() if k != gone}, str(miss))
+    with pytest.raises(ib.CheckpointError, match=r"missing keys: modality_trunks\.vision"):
+        load("unibind", checkpoint=miss, **kw)
+    extra = tmp_path / "extra.safetensors"
+    save_file({**{k: v.contiguous() for k, v in sd.items()}, "foo.bar": torch.ones(1)}, str(extra))
+    with pytest.raises(ValueError, match=r"unexpected keys: .*foo\.bar"):
+        load("unibind", checkpoint=extra, **kw)
+    head = {**{k: v.contiguous() for k, v in sd.items()}, "mlp_for_image.weight": torch.ones(3, 3)}
+    bad_head = tmp_path / "bad_head.safetensors"
+    save_file(head, str(bad_head))
+    with pytest.raises(ValueError, match=r"mlp_for_image\.weight: checkpoint \(3, 3\)"):
+        load("unibind", checkpoint=bad_head, **kw)
+
+
+def test_released_i2pmae_point_path_is_dropped_with_the_note(tmp_path: Path, caplog) -> None:
+    """A UniBind point fine-tune: I2P-MAE encoder + pc_projection + point head + mlp_for_point.
+    Without PointBERT weights: no 'point', the other modalities work; with them: 'point'."""
+    from advcal.backbones import load
+
+    ib_cfg, pcfg, p = _tiny_unibind_files(tmp_path)
+    sd = ib.read_checkpoint(p["unibind"])
+    e = ib_cfg["out_embed_dim"]
+    i2p = {
+        "backbone.point_encoder.h_encoder.token_embed.0.first_conv.0.weight": torch.ones(4, 3, 1),
+        "backbone.pc_projection": torch.ones(7, 512),
+        "backbone.logit_scale": torch.tensor(1.0),
+        "backbone.bind.modality_head_point.0.weight": torch.ones(512),
+        "backbone.bind.modality_head_point.0.bias": torch.zeros(512),
+        "backbone.bind.modality_head_point.2.weight": torch.ones(e, 512),
+        "backbone.bind.modality_postprocessor_point.1.log_logit_scale": torch.tensor(0.0),
+        "mlp_for_point.weight": torch.ones(e, e),
+        "mlp_for_point.bias": torch.zeros(e),
+    }
+    rel = tmp_path / "point_model_best.safetensors"
+    save_file({**{k: v.contiguous() for k, v in sd.items()}, **i2p}, str(rel))
+    kw = {"imagebind_config": ib_cfg, "point_config": pcfg}
+    with caplog.at_level(logging.WARNING, logger="advcal.backbones.unibind"):
+        bb = load("unibind", checkpoint=rel, **kw)
+    assert any("I2P-MAE" in r.message and "PointBERT" in r.message for r in caplog.records)
+    assert set(bb.modalities) == {"image", "video", "audio", "thermal", "event"}
+    assert bb.head_modalities == ("image",)  # mlp_for_point was trained on I2P-MAE features
+    with pytest.raises(KeyError, match="mlp_for_point"):
+        bb.head_weights("point")
+    # the UniBind file's I2P-MAE point path does not clash with Point-Bind's PointBERT one
+    both = load("unibind", checkpoint=[rel, p["pointbind"]], **kw)
+    assert "point" in both.modalities
+    with torch.no_grad():
+        assert torch.isfinite(both.encode("point", torch.rand(1, 64, 3))).all()

@@ -10,6 +10,9 @@ from torch import nn
 from advcal.specs import InputSpec
 
 DEFAULT_TEMPLATES = ("a {}.", "a photo of a {}.", "a recording of a {}.", "an example of a {}.")
+# prompts per text-tower batch in Backbone.centers: 256 x 77 tokens through CLIP-L/ImageBind-H
+# text keeps activations in the hundreds of MB.
+TEXT_CHUNK = 256
 
 
 class Backbone(nn.Module):
@@ -81,18 +84,34 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def centers(
-        self, class_names: Sequence[str], templates: Sequence[str] | None = None
+        self,
+        class_names: Sequence[str],
+        templates: Sequence[str] | None = None,
+        *,
+        chunk_size: int = TEXT_CHUNK,
     ) -> torch.Tensor:
         """Fixed semantic centers ``(K, embed_dim)``, unit-norm rows.
 
         Each class's center is the renormalised mean of the normalised text embeddings of
-        its prompts, one per template (a template ensemble, as in CLIP zero-shot).
+        its prompts, one per template (a template ensemble, as in CLIP zero-shot). The
+        ``K x T`` prompts are encoded ``chunk_size`` at a time (ImageNet's 1000 classes x 80
+        templates would otherwise be one 80k-prompt batch through the text tower); each
+        prompt's embedding does not depend on its batch-mates, so the result is the same.
         """
         if not class_names:
             raise ValueError("class_names is empty")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         templates = tuple(templates or DEFAULT_TEMPLATES)
         prompts = [t.format(c) for c in class_names for t in templates]
-        z = nn.functional.normalize(self.encode_text(prompts).float(), dim=-1)
+        z = torch.cat(
+            [
+                nn.functional.normalize(
+                    self.encode_text(prompts[i : i + chunk_size]).float(), dim=-1
+                )
+                for i in range(0, len(prompts), chunk_size)
+            ]
+        )
         z = z.view(len(class_names), len(templates), -1).mean(1)
         return nn.functional.normalize(z, dim=-1)
 

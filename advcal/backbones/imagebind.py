@@ -769,6 +769,10 @@ class ImageBindBackbone(Backbone):
       reported to do worse on LLVIP). Scale x 10.
     - ``imu`` ``(6, 2000)`` accelerometer + gyroscope, unbounded, fed as is. Scale x 5.
     - text via :meth:`encode_text` (CLIP BPE, 77 tokens). Scale x learnt (14.29 at init).
+      ``text_truncate``: how a text over 77 tokens is cut: ``"eot"`` (default, the current
+      official ``SimpleTokenizer``: 76 tokens + eot) or ``"hard"`` (Point-Bind's/UniBind's
+      vendored copy: the first 77 tokens, eot lost; the text head then pools at
+      ``argmax(ids)``, the largest id in the window, exactly as upstream does).
 
     ``encode`` returns the upstream postprocessed embeddings (scales above); advcal's
     objectives normalise. Default eps: 4/255 for [0, 1] maps, 0.002 for waveforms (about
@@ -786,8 +790,11 @@ class ImageBindBackbone(Backbone):
         depth_norm: tuple[float, float] = (0.0, 1.0),
         thermal_norm: tuple[float, float] = (0.0, 1.0),
         eps: Mapping[str, float] | None = None,
+        text_truncate: Literal["eot", "hard"] = "eot",
     ) -> None:
         c = model.config
+        if text_truncate not in ("eot", "hard"):
+            raise ValueError(f"text_truncate must be 'eot' or 'hard', got {text_truncate!r}")
         S = c.image_size
         mel, frames = c.audio_num_mel_bins, c.audio_target_len
         if audio_clips < 1 or audio_clip_seconds <= 0:
@@ -833,6 +840,7 @@ class ImageBindBackbone(Backbone):
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
         self.depth_norm = (float(depth_norm[0]), float(depth_norm[1]))
         self.thermal_norm = (float(thermal_norm[0]), float(thermal_norm[1]))
+        self.text_truncate: Literal["eot", "hard"] = text_truncate
         self.freeze()
 
     @property
@@ -882,7 +890,9 @@ class ImageBindBackbone(Backbone):
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         from advcal.backbones.clip_tokenizer import tokenize
 
-        return tokenize(list(prompts), context_length=self.config.context_length)
+        return tokenize(
+            list(prompts), context_length=self.config.context_length, truncate=self.text_truncate
+        )
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str):

@@ -635,7 +635,10 @@ class LanguageBindBackbone(Backbone):
 
     - ``image``: ``(3, S, S)`` RGB in [0, 1] at the tower's ``image_size`` (no resize inside);
       CLIP mean/std normalisation inside.
-    - ``video``: ``(3, T, S, S)`` frames in [0, 1], T = the tower's ``num_frames``.
+    - ``video``: ``(T, 3, S, S)`` frames in [0, 1], **time first** (the convention of every
+      advcal backbone's ``encode("video", x)``: ImageBind, minibind), T = the tower's
+      ``num_frames``; rearranged inside to the official ``(3, T, S, S)`` pixel_values (the
+      model-level :meth:`LanguageBindModel.forward` keeps the official layout).
     - ``depth``: ``(1, S, S)`` in metres, valid [0, max_depth]; clamped to
       [0.01, max_depth], divided by max_depth, repeated to 3 channels, CLIP-normalised (as the
       upstream processor). Default L-inf eps = max_depth * 4/255 (same relative budget).
@@ -698,7 +701,9 @@ class LanguageBindBackbone(Backbone):
         if tower == "image":
             return InputSpec((3, s, s), description="RGB in [0,1], CLIP-normalised inside")
         if tower == "video":
-            return InputSpec((3, vc.num_frames, s, s), description="frames (C,T,H,W) in [0,1]")
+            return InputSpec(
+                (vc.num_frames, 3, s, s), description="frames (T,C,H,W) in [0,1], time first"
+            )
         if tower == "thermal":
             return InputSpec((1, s, s), description="thermal map in [0,1]")
         if tower == "depth":
@@ -767,8 +772,10 @@ class LanguageBindBackbone(Backbone):
         if modality == "image":
             return self._normalise(x)
         if modality == "video":
-            # (B, 3, T, H, W): normalise per channel across frames
-            return self._normalise(x.transpose(1, 2)).transpose(1, 2)
+            # (B, T, 3, H, W) time first -> official (B, 3, T, H, W), per-channel CLIP norm
+            b, t = x.shape[:2]
+            px = self._normalise(x.reshape(b * t, *x.shape[2:])).view(x.shape)
+            return px.transpose(1, 2)
         if modality == "thermal":
             return self._normalise(x.expand(-1, 3, -1, -1))
         if modality == "depth":

@@ -13,9 +13,17 @@ Here:
   streams are event *frames* (rendered images, as UniBind's data loader reads them) through
   the vision tower; :func:`events_to_frame` renders a raw ``(x, y, t, p)`` stream to such a
   frame (our renderer). ``point`` uses the Point-Bind PointBERT encoder
-  (:mod:`advcal.backbones.pointbert`); UniBind's released point encoder is Point-Bind's I2P-MAE
-  variant, which is not implemented natively yet (its checkpoint keys are recognised and the
-  point modality is then left out, with a warning).
+  (:mod:`advcal.backbones.pointbert`).
+
+What the released UniBind checkpoint gives (:data:`I2PMAE_NOTE`): UniBind's point encoder is
+Point-Bind's I2P-MAE variant, which advcal does not implement. With the released UniBind
+weights alone you get image, video, audio, thermal, event and text (the frozen ImageBind-Huge
+inside UniBind, plus any released ``mlp_for_<m>`` head); the I2P-MAE point path
+(``point_encoder.h_encoder.*``, ``pc_projection``, ``logit_scale``, the point head and
+``mlp_for_point``) is dropped with a warning, so there is no ``point`` modality. To get
+``point``, add Point-Bind's PointBERT checkpoint to ``checkpoint=[...]``: the point modality is
+then Point-Bind's PointBERT encoder and point head (the same ImageBind space, but not UniBind's
+I2P-MAE numbers).
 - ``encode`` follows ``encode_vision`` (unit-norm, no MLP) by default; ``apply_heads=True``
   follows ``encode_vision_with_mlp``. :meth:`UniBindBackbone.head_weights` returns the released
   ``mlp_for_<m>`` weights so a calibration head can start from them.
@@ -51,6 +59,14 @@ log = logging.getLogger(__name__)
 
 UNIBIND_MODALITIES = ("image", "video", "audio", "thermal", "event", "point")
 CENTERS_FORMAT = "advcal.unibind.centers/1"
+I2PMAE_NOTE = (
+    "UniBind's released point encoder is Point-Bind's I2P-MAE variant, which advcal does not "
+    "implement: its point path (point_encoder.h_encoder.*, pc_projection, logit_scale, "
+    "bind.modality_head_point/postprocessor_point, mlp_for_point) is dropped, so this backbone "
+    "has image, video, audio, thermal, event and text but no 'point'. To add 'point', pass "
+    "Point-Bind's PointBERT checkpoint as well (checkpoint=[unibind, pointbind_pointbert]); "
+    "'point' is then Point-Bind's PointBERT embedding, not UniBind's I2P-MAE one."
+)
 
 
 # -- the official module layout ----------------------------------------------------------------
@@ -121,10 +137,17 @@ class UniBindBackbone(Backbone):
     - ``point``: ``(N, 3)`` xyz (N free), in coordinate units; upstream normalises clouds to
       the unit sphere. Default threat model: L-inf, ``point_eps=0.02`` (2% of the unit
       radius), unbounded unless ``point_box=(lo, hi)``. FPS starts at index ``fps_start``
-      (deterministic; upstream draws it at random).
+      (deterministic; upstream draws it at random). Present only with a PointBERT point
+      path: the released UniBind I2P-MAE one is dropped (:data:`I2PMAE_NOTE`).
 
     ``encode`` returns unit-norm embeddings (``encode_vision``); with ``apply_heads=True`` the
     released ``mlp_for_<m>`` is applied first (``encode_vision_with_mlp``).
+
+    Text: UniBind's vendored tokenizer cuts an over-long text at 77 tokens without forcing eot
+    (``text_truncate="hard"``, the default here; ImageBind's own default is ``"eot"``).
+
+    ``centers``: a ``.safetensors`` file written by ``advcal convert-centers`` (UniBind's
+    LLM-augmented multi-centre embeddings); :meth:`multi_centers` reads it.
     """
 
     name = "unibind"
@@ -139,8 +162,10 @@ class UniBindBackbone(Backbone):
         point_box: tuple[float, float] | None = None,
         num_points: int = -1,
         fps_start: int | torch.Tensor = 0,
+        centers: str | Path | None = None,
         **imagebind_kwargs: Any,
     ) -> None:
+        imagebind_kwargs.setdefault("text_truncate", "hard")  # UniBind's vendored tokenizer
         image_bb = ib.ImageBindBackbone(model.bind, **imagebind_kwargs)
         specs: dict[str, InputSpec] = {}
         for m in ("image", "video", "audio", "thermal"):
@@ -171,6 +196,7 @@ class UniBindBackbone(Backbone):
         self.image_bb = image_bb
         self.apply_heads = bool(apply_heads)
         self.fps_start = fps_start
+        self.centers_path = None if centers is None else Path(centers)
         if apply_heads:
             missing = [m for m in specs if m not in model.head_modalities]
             if missing:
@@ -178,13 +204,47 @@ class UniBindBackbone(Backbone):
         self.freeze()
 
     def head_weights(self, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The released ``mlp_for_<modality>`` as ``(W (E, E), b (E,))`` copies, to start a
-        calibration head from (``y = x @ W.T + b``)."""
+        """The released ``mlp_for_<modality>`` as ``(W (E, E), b (E,))`` float copies, to start
+        a calibration head from (``y = x @ W.T + b``; UniBind applies it to the *unnormalised*
+        ImageBind output of ``encode_vision``'s modality, then L2-normalises).
+
+        Upstream, each fine-tuned checkpoint ``<m>_model_best.pt`` holds one head, for the
+        modality it was tuned on (image, video, audio, thermal, event or point); the
+        pretrained backbone weights hold none. Raises ``KeyError`` naming the loaded heads
+        (:attr:`head_modalities`) when ``modality`` has none.
+        """
         lin = self.model.head(modality)
-        return lin.weight.detach().clone(), lin.bias.detach().clone()
+        return lin.weight.detach().float().clone(), lin.bias.detach().float().clone()
+
+    @property
+    def head_modalities(self) -> tuple[str, ...]:
+        """Modalities with a released ``mlp_for_<m>`` head loaded."""
+        return tuple(self.model.head_modalities)
 
     def has_head(self, modality: str) -> bool:
         return modality in self.model.head_modalities
+
+    def multi_centers(self, path: str | Path | None = None) -> MultiCenters:
+        """UniBind's multi-centre embeddings from a converted ``.safetensors`` file.
+
+        ``path`` defaults to the ``centers=`` given at construction / ``load``. Returns
+        :class:`MultiCenters`: ``centers (M, D)`` float32 unit-norm rows, ``labels (M,)``
+        int64 class index of each centre, ``class_names`` (K). Score with
+        :func:`multi_center_logits` (prediction = class of the nearest centre).
+        """
+        path = self.centers_path if path is None else Path(path)
+        if path is None:
+            raise ValueError(
+                "no centres file: pass multi_centers(path) or load('unibind', ..., centers=PATH) "
+                "with a .safetensors written by `advcal convert-centers SRC DST --trust-pickle`"
+            )
+        mc = load_centers(path)
+        if mc.centers.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"centres in {path} are {mc.centers.shape[1]}-wide but this backbone embeds in "
+                f"{self.embed_dim}; convert the centre file of this model"
+            )
+        return mc
 
     def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         if modality == "point":
@@ -268,22 +328,72 @@ def multi_center_logits(
 
 
 def _as_matrix(v: Any, label: str) -> torch.Tensor:
+    """One class's centres as ``(n, D)`` float32 on CPU: a tensor or array ``(n, D)``/``(D,)``,
+    a list of numbers, a list of rows, or a list of ``(D,)``/``(1, D)`` tensors/arrays."""
+    if isinstance(v, (list, tuple)) and v and not isinstance(v[0], (int, float)):
+        rows = [_as_matrix(r, label) for r in v]
+        return torch.cat(rows)
     t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
     t = t.detach().to("cpu", torch.float32)
     if t.dim() == 1:
         t = t.unsqueeze(0)
-    if t.dim() != 2:
+    if t.dim() != 2 or t.shape[0] == 0:
         raise ValueError(f"centres of class {label!r} must be (n, D) or (D,), got {tuple(t.shape)}")
     return t
 
 
+def _storage_from_bytes_on_cpu(b: bytes) -> Any:
+    """What a plain pickle of a torch tensor calls to rebuild its storage, mapped to CPU (the
+    stock one restores the saved device, so a CUDA tensor would not load on a CPU machine)."""
+    import io
+
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=False)
+
+
+class _CPUUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that rebuilds torch storages on the CPU (trusted files only)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _storage_from_bytes_on_cpu
+        return super().find_class(module, name)
+
+
+def _unpickle_trusted(src: Path) -> Any:
+    """Unpickle ``src`` (the caller vouched for it) with every tensor on the CPU.
+
+    Accepts ``torch.save`` files (zip or legacy format: ``torch.load(map_location="cpu",
+    weights_only=False)``) and plain ``pickle.dump`` files of dicts holding tensors, numpy
+    arrays or lists (:class:`_CPUUnpickler`, which maps pickled tensor storages to CPU).
+    """
+    import zipfile
+
+    if zipfile.is_zipfile(src):
+        return torch.load(src, map_location="cpu", weights_only=False)
+    with open(src, "rb") as f:
+        obj = _CPUUnpickler(f).load()
+    # a legacy (non-zip) torch.save file starts with torch's magic number, pickled on its own
+    from torch.serialization import MAGIC_NUMBER
+
+    if isinstance(obj, int) and obj == MAGIC_NUMBER:
+        return torch.load(src, map_location="cpu", weights_only=False)
+    return obj
+
+
 def convert_centers(src: str | Path, dst: str | Path, *, trust_pickle: bool) -> Path:
-    """Convert UniBind's centre pickle ``{label: (n, D) tensor/array}`` to safetensors.
+    """Convert UniBind's centre pickle to safetensors that advcal loads without unpickling.
+
+    UniBind's format (``utils.load_centre_embeddings`` upstream): a dict ``{label: (n, D)}``,
+    50 LLM-description embeddings per class, read with ``pickle.load`` and concatenated in the
+    dict's order. Accepted here: that dict written by ``pickle.dump`` or ``torch.save``, values
+    torch tensors (any device: CUDA storages are mapped to CPU), numpy arrays, or lists of
+    numbers / rows / ``(D,)`` tensors; ``n`` may differ per class.
 
     Unpickling can execute arbitrary code, so it happens only with ``trust_pickle=True``
-    (CLI: ``advcal convert-centers SRC DST --trust-pickle``). ``dst`` holds ``centers``
-    ``(M, D)`` float32 (unit-norm rows), ``labels`` ``(M,)`` int64 and the class names (in
-    insertion order) in the metadata; :func:`load_centers` reads it without any pickle.
+    (CLI: ``advcal convert-centers SRC DST --trust-pickle``); otherwise ``PermissionError``
+    before the file is opened. ``dst`` holds ``centers`` ``(M, D)`` float32 (unit-norm rows),
+    ``labels`` ``(M,)`` int64 and the class names (``str(label)``, in dict order) in the
+    metadata; :func:`load_centers` reads it.
     """
     src, dst = Path(src), Path(dst)
     if not trust_pickle:
@@ -292,8 +402,15 @@ def convert_centers(src: str | Path, dst: str | Path, *, trust_pickle: bool) -> 
             "its source, by passing --trust-pickle (trust_pickle=True); the safetensors file "
             "written then is what advcal loads from then on."
         )
-    with open(src, "rb") as f:
-        obj = pickle.load(f)  # explicitly trusted by the caller (trust_pickle=True)
+    if not src.is_file():
+        raise FileNotFoundError(f"centre pickle not found: {src}")
+    try:
+        obj = _unpickle_trusted(src)  # explicitly trusted by the caller (trust_pickle=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, AttributeError, ImportError) as e:
+        raise ValueError(
+            f"cannot unpickle {src}: {type(e).__name__}: {e} (truncated, or not a pickle of "
+            "{label: centres})"
+        ) from e
     if not isinstance(obj, Mapping) or not obj:
         raise ValueError(f"{src}: expected a non-empty {{label: centres}} dict, got {type(obj)}")
     names, blocks, labels = [], [], []
@@ -306,6 +423,8 @@ def convert_centers(src: str | Path, dst: str | Path, *, trust_pickle: bool) -> 
         names.append(str(label))
         blocks.append(m)
         labels.append(torch.full((m.shape[0],), i, dtype=torch.int64))
+    if len(set(names)) != len(names):
+        raise ValueError(f"{src}: labels collide once written as strings: {names}")
     from safetensors.torch import save_file
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -342,33 +461,113 @@ def load_centers(path: str | Path) -> MultiCenters:
 _POINT_HEAD = ("modality_head_point.", "modality_postprocessor_point.")
 
 
+def canonical_key(key: str) -> str:
+    """One name per tensor whatever the file's layout: Point-Bind's ``POINTBIND`` names
+    (``bind.*``, ``point_encoder.*``, ``pc_projection``, ``logit_scale``) plus UniBind's
+    ``mlp_for_<m>.*``. Strips ``module.`` and UniBind's ``backbone.``; a plain ImageBind key
+    (``modality_*``) becomes ``bind.modality_*``."""
+    k = key.removeprefix("module.")
+    if k.startswith("mlp_for_"):
+        return k
+    k = k.removeprefix("backbone.")
+    return f"bind.{k}" if k.startswith("modality_") else k
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _describe(a: torch.Tensor) -> str:
+    return f"{tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}"
+
+
+def canonical_state_dict(
+    sd: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> dict[str, torch.Tensor]:
+    """``sd`` under :func:`canonical_key` names. Two keys of ``sd`` naming the same tensor
+    (e.g. ``bind.modality_x`` and ``modality_x``) must hold equal tensors, else ``ValueError``
+    naming both."""
+    out: dict[str, torch.Tensor] = {}
+    raw: dict[str, str] = {}
+    for k, v in sd.items():
+        c = canonical_key(k)
+        if c in out and not _same_tensor(out[c], v):
+            raise ib.CheckpointError(
+                f"{source}: keys {raw[c]!r} and {k!r} both name {c!r} but hold different "
+                f"tensors ({_describe(out[c])} vs {_describe(v)}); keep one of them"
+            )
+        out.setdefault(c, v)
+        raw.setdefault(c, k)
+    return out
+
+
+def _is_point_path(k: str) -> bool:
+    """Canonical keys of the point path: encoder, projection, point head, point MLP."""
+    return (
+        k.startswith(("point_encoder.", "mlp_for_point."))
+        or k in ("pc_projection", "logit_scale")
+        or k.removeprefix("bind.").startswith(_POINT_HEAD)
+    )
+
+
+def drop_i2pmae(
+    sd: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Remove UniBind's I2P-MAE point path from a canonical state dict (see
+    :data:`I2PMAE_NOTE`); returns (the rest, whether anything was dropped)."""
+    if not any(k.startswith("point_encoder.h_encoder.") for k in sd):
+        return dict(sd), False
+    kept = {k: v for k, v in sd.items() if not _is_point_path(k)}
+    log.warning("%s: %s (%d tensors dropped)", source, I2PMAE_NOTE, len(sd) - len(kept))
+    return kept, True
+
+
+def merge_state_dicts(
+    sources: Sequence[tuple[str, Mapping[str, torch.Tensor]]],
+) -> dict[str, torch.Tensor]:
+    """Merge ``[(name, state_dict), ...]`` after normalising each one's keys
+    (:func:`canonical_state_dict`) and dropping an I2P-MAE point path (:func:`drop_i2pmae`).
+
+    The order of the sources does not matter: a key that two sources both provide must hold
+    the same tensor in both (e.g. ImageBind inside UniBind's checkpoint and
+    ``imagebind_huge.pth``), else :class:`~advcal.backbones.imagebind.CheckpointError` names
+    the key and both files.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for name, sd in sources:
+        sd, _ = drop_i2pmae(canonical_state_dict(sd, name), name)
+        for k, v in sd.items():
+            if k not in merged:
+                merged[k], origin[k] = v, name
+            elif not _same_tensor(merged[k], v):
+                raise ib.CheckpointError(
+                    f"checkpoints disagree on {k!r}: {origin[k]} has {_describe(merged[k])}, "
+                    f"{name} has {_describe(v)} with different values. Pass only the files of "
+                    "one release (e.g. drop the one this tensor should not come from)"
+                )
+    return merged
+
+
 def split_unibind_state_dict(
     sd: Mapping[str, torch.Tensor],
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """(ImageBind keys, point-path keys as in ``POINTBIND``, {modality: mlp keys}).
 
     Accepts UniBind (``backbone.*`` + ``mlp_for_<m>.*``), Point-Bind (``bind.*``,
-    ``point_encoder.*``) and plain ImageBind (``modality_*``) layouts.
+    ``point_encoder.*``) and plain ImageBind (``modality_*``) layouts, mixed: keys are first
+    normalised (:func:`canonical_state_dict`), then partitioned.
     """
     bind: dict[str, torch.Tensor] = {}
     point: dict[str, torch.Tensor] = {}
     heads: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in sd.items():
-        k = k.removeprefix("module.")
+    for k, v in canonical_state_dict(sd).items():
         if k.startswith("mlp_for_"):
             m, _, rest = k.removeprefix("mlp_for_").partition(".")
             heads.setdefault(m, {})[rest] = v
-            continue
-        k = k.removeprefix("backbone.")
-        if k.startswith("bind."):
-            inner = k.removeprefix("bind.")
-            if inner.startswith(_POINT_HEAD):
-                point[k] = v
-            else:
-                bind[inner] = v
-        elif k.startswith("modality_"):
-            (point if k.startswith(_POINT_HEAD) else bind)[k] = v
-        else:  # point_encoder.*, pc_projection, logit_scale
+        elif k.startswith("bind.") and not _is_point_path(k):
+            bind[k.removeprefix("bind.")] = v
+        else:  # point_encoder.*, pc_projection, logit_scale, bind.modality_*_point.*
             point[k] = v
     return bind, point, heads
 
@@ -379,25 +578,33 @@ def build_unibind(
     imagebind_config: ib.ImageBindConfig | Mapping[str, Any] | None = None,
     point_config: PointBERTConfig | Mapping[str, Any] | None = None,
 ) -> UniBind:
-    """A :class:`UniBind` from a merged state dict; every part checked strictly.
+    """A :class:`UniBind` from a (merged) state dict; every part checked strictly.
 
     The ImageBind part goes through :func:`advcal.backbones.imagebind.build_model`; the point
     path (PointBERT sizes from ``point_config``, released sizes by default) and the
-    ``mlp_for_<m>`` heads are checked against their own keys and shapes.
+    ``mlp_for_<m>`` heads are checked against their own keys and shapes. An I2P-MAE point path
+    is dropped with a warning (:data:`I2PMAE_NOTE`).
     """
     from advcal.backbones.languagebind import load_state_dict_checked
 
+    sd, _ = drop_i2pmae(canonical_state_dict(sd))
     bind_sd, point_sd, heads_sd = split_unibind_state_dict(sd)
     if not bind_sd:
         raise ValueError("UniBind checkpoint(s) hold no ImageBind weights (backbone.bind.*)")
-    use_point = any(k.startswith("point_encoder.") for k in point_sd)
-    if any(k.startswith("point_encoder.h_encoder.") for k in point_sd):
-        log.warning(
-            "UniBind checkpoint's point encoder is Point-Bind's I2P-MAE variant, which advcal "
-            "does not implement natively yet: the point modality is left out (pass a Point-Bind "
-            "PointBERT checkpoint as well to get it)"
+    stray = sorted(k for k in point_sd if not _is_point_path(k))
+    if stray:
+        raise ib.CheckpointError(
+            f"UniBind checkpoint(s): {len(stray)} unexpected keys: {ib._preview(stray)}; is "
+            "each file a UniBind, Point-Bind or ImageBind checkpoint?"
         )
-        use_point = False
+    use_point = any(k.startswith("point_encoder.") for k in point_sd)
+    if point_sd and not use_point:
+        log.warning(
+            "UniBind checkpoint(s) hold point-path tensors (%s) but no point encoder "
+            "(point_encoder.*): ignored, no 'point' modality",
+            ib._preview(sorted(point_sd), 4),
+        )
+        point_sd = {}
     pcfg = None
     if use_point:
         pcfg = point_config if point_config is not None else PointBERTConfig()
@@ -434,11 +641,15 @@ def load(
 ) -> UniBindBackbone:
     """Registry entry: ``advcal.backbones.load("unibind", checkpoint=...)``.
 
-    ``checkpoint``: one file or several (read safely, merged in order; later files add keys):
-    a UniBind fine-tuned checkpoint (``backbone.*`` + ``mlp_for_<m>.*``), a Point-Bind
+    ``checkpoint``: one file or several, read safely and merged by :func:`merge_state_dicts`
+    (keys normalised first; a key two files disagree on is an error naming both): UniBind's
+    backbone weights (``PointBind_I2PMAE``: ``bind.*`` + I2P-MAE point path), a UniBind
+    fine-tuned checkpoint (``backbone.*`` + ``mlp_for_<m>.*``), a Point-Bind PointBERT
     checkpoint (``bind.*`` + ``point_encoder.*``) and/or ``imagebind_huge.pth``. Sizes:
     ImageBind-Huge and the released PointBERT unless ``imagebind_config``/``point_config``.
-    Keywords left go to :class:`UniBindBackbone`. Nothing is downloaded.
+    Keywords left go to :class:`UniBindBackbone` (e.g. ``centers=`` a converted centres file,
+    ``apply_heads=True``). Nothing is downloaded. See :data:`I2PMAE_NOTE` for what the
+    released UniBind point encoder means here.
     """
     if checkpoint is None:
         raise ValueError(
@@ -446,10 +657,7 @@ def load(
             "weights (one path or a list); nothing is downloaded"
         )
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
-    merged: dict[str, torch.Tensor] = {}
-    for p in paths:
-        for k, v in ib.read_checkpoint(p).items():
-            merged.setdefault(k, v)
+    merged = merge_state_dicts([(str(p), ib.read_checkpoint(p)) for p in paths])
     model = build_unibind(merged, imagebind_config=imagebind_config, point_config=point_config)
     bb = UniBindBackbone(model, **backbone_kwargs)
     if device is not None:
@@ -458,15 +666,20 @@ def load(
 
 
 __all__ = [
+    "I2PMAE_NOTE",
     "UNIBIND_MODALITIES",
     "MultiCenters",
     "UniBind",
     "UniBindBackbone",
     "build_unibind",
+    "canonical_key",
+    "canonical_state_dict",
     "convert_centers",
+    "drop_i2pmae",
     "events_to_frame",
     "load",
     "load_centers",
+    "merge_state_dicts",
     "multi_center_logits",
     "split_unibind_state_dict",
 ]
