@@ -11,14 +11,28 @@ import os
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
-PACKAGES = ["advcal", "advcal.ops", "advcal.backbones", "advcal.kernels"]
+# every advcal.* package with an __init__.py, the data folder of the tokenizer vocabulary, and
+# kernels/ installed as advcal.kernels (tests/test_packaging.py checks the list is complete)
+PACKAGES = [
+    *find_packages(include=["advcal", "advcal.*"]),
+    "advcal.backbones.assets",
+    "advcal.kernels",
+]
 PACKAGE_DIR = {"advcal": "advcal", "advcal.kernels": "kernels"}
 
 
 def _extensions():
+    # validated first, so a typo fails every build, not only those that reach the CUDA choice
+    want = os.environ.get("ADVCAL_BUILD_CUDA", "auto").strip().lower() or "auto"
+    if want not in ("auto", "0", "1"):
+        raise ValueError(
+            f"ADVCAL_BUILD_CUDA={os.environ['ADVCAL_BUILD_CUDA']!r} is not a valid value; "
+            "use auto (CUDA sources when torch has CUDA and nvcc is found), 0 (CPU only) "
+            "or 1 (CUDA required)"
+        )
     if os.environ.get("ADVCAL_BUILD_EXT", "1") == "0":
         return [], {}
     cpp = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
@@ -31,7 +45,6 @@ def _extensions():
         print("advcal: torch not importable at build time; building without advcal._C")
         return [], {}
 
-    want = os.environ.get("ADVCAL_BUILD_CUDA", "auto").lower()
     nvcc = shutil.which("nvcc") or (
         os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"], "bin", "nvcc").exists()
     )
@@ -64,7 +77,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"advcal": ["py.typed", "data/*"], "advcal.backbones": ["assets/*"]},
+    package_data={"advcal": ["py.typed"], "advcal.backbones.assets": ["*.gz", "*.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
