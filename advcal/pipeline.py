@@ -133,7 +133,11 @@ def run(
 
     t0 = time.perf_counter()
     backbone = backbones.load(
-        cfg.backbone, checkpoint=cfg.checkpoint, device=cfg.device, **cfg.backbone_kwargs
+        cfg.backbone,
+        checkpoint=cfg.checkpoint,
+        device=cfg.device,
+        progress=progress,
+        **cfg.backbone_kwargs,
     )
     timings["load_backbone"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -47,17 +47,22 @@ class Toy:
         g = torch.Generator().manual_seed(seed)
         y = torch.arange(Toy.N) % Toy.K
         protos = torch.randn(Toy.K, 3, 4, 4, generator=g)
-        img = torch.sigmoid(2 * protos[y].repeat_interleave(2, -1).repeat_interleave(2, -2)
-                            + 0.3 * torch.randn(Toy.N, 3, 8, 8, generator=g))
+        img = torch.sigmoid(
+            2 * protos[y].repeat_interleave(2, -1).repeat_interleave(2, -2)
+            + 0.3 * torch.randn(Toy.N, 3, 8, 8, generator=g)
+        )
         vec = torch.tanh(protos[y].flatten(1)[:, :12] + 0.3 * torch.randn(Toy.N, 12, generator=g))
         torch.manual_seed(seed)
         enc = {
-            "img": nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                                 nn.Linear(8 * 64, Toy.D)),
+            "img": nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, Toy.D)
+            ),
             "vec": nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, Toy.D)),
         }
-        specs = {"img": InputSpec((3, 8, 8), 0.0, 1.0, 8 / 255),
-                 "vec": InputSpec((12,), -1.0, 1.0, 0.1, "l2", "values")}
+        specs = {
+            "img": InputSpec((3, 8, 8), 0.0, 1.0, 8 / 255),
+            "vec": InputSpec((12,), -1.0, 1.0, 0.1, "l2", "values"),
+        }
         bb = backbones.wrap(enc, specs, embed_dim=Toy.D)
         with torch.no_grad():  # centers = class means of the clean embeddings: a usable model
             c = torch.stack([bb.encode("img", img[y == k]).mean(0) for k in range(Toy.K)])

@@ -36,12 +36,34 @@ def test_torchrun_two_processes(tmp_path):
     (tmp_path / "run.toml").write_text(TOML)
     env = {**os.environ, "ADVCAL_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     # build the tiny backbone's cache once, so the two ranks do not both pretrain it
-    subprocess.run([sys.executable, "-c", "import advcal; advcal.backbones.load('minibind', "
-                    "embed_dim=32, width=4, epochs=1, modalities=['image', 'audio'], "
-                    "progress=False)"], env=env, check=True, timeout=300)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "advcal.cli", "calibrate", "--config", str(tmp_path / "run.toml"),
-           "--out", str(tmp_path / "run"), "--no-progress"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import advcal; advcal.backbones.load('minibind', "
+            "embed_dim=32, width=4, epochs=1, modalities=['image', 'audio'], "
+            "progress=False)",
+        ],
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "advcal.cli",
+        "calibrate",
+        "--config",
+        str(tmp_path / "run.toml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads((tmp_path / "run" / "report.json").read_text())

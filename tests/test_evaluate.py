@@ -24,8 +24,13 @@ def test_recall_at_k_constructed():
 
 
 def _rec(clean, robust, weak, large, sweep):
-    return {"clean_top1": clean, "robust_top1": robust, "weak_top1": weak,
-            "large_eps_top1": large, "sweep": {str(e): a for e, a in sweep.items()}}
+    return {
+        "clean_top1": clean,
+        "robust_top1": robust,
+        "weak_top1": weak,
+        "large_eps_top1": large,
+        "sweep": {str(e): a for e, a in sweep.items()},
+    }
 
 
 def test_sanity_checks_can_fail():
@@ -34,8 +39,7 @@ def test_sanity_checks_can_fail():
     bad = _rec(0.5, 0.6, 0.9, 0.5, {0.01: 0.3, 0.02: 0.6, 0.04: 0.6})
     s = sanity_checks({"good": good, "bad": bad}, cfg)
     assert all(v for k, v in s.items() if k.endswith(".good"))
-    for check in ("robust_le_clean", "monotone_in_eps", "large_eps_breaks",
-                  "no_gradient_masking"):
+    for check in ("robust_le_clean", "monotone_in_eps", "large_eps_breaks", "no_gradient_masking"):
         assert s[f"{check}.bad"] is False, check
     s = sanity_checks({"x": _rec(0.9, 0.5, 0.3, 0.0, {0.1: 0.5})}, cfg)
     assert s["more_steps_not_higher.x"] is False

@@ -62,17 +62,22 @@ def test_gradients_match_finite_differences(fn):
         "ce": lambda z: F.cross_entropy(F.normalize(z, dim=-1) @ c.T / TAU, y),
         "l2": lambda z: (F.normalize(z, dim=-1) - F.normalize(e, dim=-1)).pow(2).sum(-1).mean(),
         "infonce": lambda z: F.cross_entropy(
-            F.normalize(z, dim=-1) @ F.normalize(e, dim=-1).T / TAU, torch.arange(5)),
+            F.normalize(z, dim=-1) @ F.normalize(e, dim=-1).T / TAU, torch.arange(5)
+        ),
         "consistency": lambda z: F.kl_div(
             F.log_softmax(F.normalize(z, dim=-1) @ c.T / TAU, -1),
-            F.softmax(F.normalize(e, dim=-1) @ c.T / TAU, -1), reduction="batchmean"),
+            F.softmax(F.normalize(e, dim=-1) @ c.T / TAU, -1),
+            reduction="batchmean",
+        ),
     }[fn]
     assert torch.autograd.gradcheck(f, (z,))
     # the public objective (fp32 internally) has the same gradient as the fp64 formula
-    public = {"ce": lambda z: fixed_center_ce(z, c.float(), y, TAU),
-              "l2": lambda z: l2_alignment(z, e.float()),
-              "infonce": lambda z: infonce(z, e.float(), TAU),
-              "consistency": lambda z: modality_consistency(z, e.float(), c.float(), TAU)}[fn]
+    public = {
+        "ce": lambda z: fixed_center_ce(z, c.float(), y, TAU),
+        "l2": lambda z: l2_alignment(z, e.float()),
+        "infonce": lambda z: infonce(z, e.float(), TAU),
+        "consistency": lambda z: modality_consistency(z, e.float(), c.float(), TAU),
+    }[fn]
     z32 = z.detach().float().requires_grad_(True)
     (g32,) = torch.autograd.grad(public(z32), z32)
     (g64,) = torch.autograd.grad(f(z), z)
@@ -92,8 +97,12 @@ def test_objective_weighted_sum_and_fused_ce(kind):
     obj = Objective(ce=1.0, l2=2.0, infonce=0.5, consistency=0.25, tau=0.1)
     loss, parts = obj(heads["m"], e_adv, e_clean, c, y)
     z = heads("m", e_adv)
-    want = (fixed_center_ce(z, c, y, 0.1) + 2 * l2_alignment(z, e_clean)
-            + 0.5 * infonce(z, e_clean, 0.1) + 0.25 * modality_consistency(z, e_clean, c, 0.1))
+    want = (
+        fixed_center_ce(z, c, y, 0.1)
+        + 2 * l2_alignment(z, e_clean)
+        + 0.5 * infonce(z, e_clean, 0.1)
+        + 0.25 * modality_consistency(z, e_clean, c, 0.1)
+    )
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert set(parts) == {"ce", "l2", "infonce", "consistency"}
     loss.backward()

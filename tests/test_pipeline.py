@@ -10,8 +10,12 @@ from advcal.cli import main
 from advcal.pipeline import RunConfig, load_run, run
 
 TINY = {
-    "backbone_kwargs": {"embed_dim": 32, "width": 4, "epochs": 1,
-                        "modalities": ["image", "audio", "point"]},
+    "backbone_kwargs": {
+        "embed_dim": 32,
+        "width": 4,
+        "epochs": 1,
+        "modalities": ["image", "audio", "point"],
+    },
     "modalities": ["image", "audio", "point"],
     "train_limit": 64,
     "test_limit": 24,
@@ -42,8 +46,15 @@ def test_report_has_every_required_field(finished_run):
     out, _ = finished_run
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["backbone"] == "minibind"
-    for key in ("config", "modalities", "retrieval", "sanity", "trainable_params",
-                "backbone_params", "timings"):
+    for key in (
+        "config",
+        "modalities",
+        "retrieval",
+        "sanity",
+        "trainable_params",
+        "backbone_params",
+        "timings",
+    ):
         assert key in on_disk, key
     assert on_disk["config"]["calib"]["epochs"] == 1 and "eval" in on_disk["config"]
     for m in TINY["modalities"]:
@@ -81,7 +92,8 @@ def test_resume_skips_finished_phases_and_rejects_other_config(finished_run, tmp
     again = run(RunConfig.from_dict(TINY), out, resume=True, progress=False)
     assert again["timings"]["eval_before"] == 0.0  # loaded, not recomputed
     assert again["modalities"]["image"]["robust_top1_after"] == pytest.approx(
-        rep["modalities"]["image"]["robust_top1_after"])
+        rep["modalities"]["image"]["robust_top1_after"]
+    )
     other = RunConfig.from_dict({**TINY, "test_limit": 20})
     with pytest.raises(ValueError, match="different config"):
         run(other, out, resume=True, progress=False)
@@ -89,8 +101,9 @@ def test_resume_skips_finished_phases_and_rejects_other_config(finished_run, tmp
 
 def test_cli_evaluate_run_and_info(finished_run, capsys, tmp_path):
     out, _ = finished_run
-    assert main(["evaluate", "--run", str(out), "--out", str(tmp_path / "ev"),
-                 "--no-progress"]) == 0
+    assert (
+        main(["evaluate", "--run", str(out), "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
+    )
     assert "| image |" in capsys.readouterr().out
     assert (tmp_path / "ev" / "report.json").is_file()
     assert main(["info"]) == 0

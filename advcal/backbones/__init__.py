@@ -8,6 +8,7 @@ dependencies are only needed for the backbone actually used.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -47,10 +48,18 @@ def load(
     name: str,
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
+    *,
+    progress: bool = True,
     **kwargs,
 ) -> Backbone:
-    """Build backbone ``name``, frozen, on ``device``; real Bind models need ``checkpoint``."""
-    backbone = _resolve(name)(name=name, checkpoint=checkpoint, device=device, **kwargs)
+    """Build backbone ``name``, frozen, on ``device``; real Bind models need ``checkpoint``.
+
+    ``progress=False`` silences the progress bar of loaders that have one (minibind's one-off
+    pretraining)."""
+    loader = _resolve(name)
+    if "progress" in inspect.signature(loader).parameters:
+        kwargs["progress"] = progress
+    backbone = loader(name=name, checkpoint=checkpoint, device=device, **kwargs)
     backbone.freeze()
     if device is not None:
         backbone.to(device)
