@@ -10,7 +10,14 @@ modalities of a batch are attacked together and updated in one fused ``pgd_step_
 The base class validates inputs before any work, runs the models in eval mode and restores
 their mode, never leaves the eps-ball or the valid range (the fused update projects and
 clamps every step), keeps the per-sample worst case over restarts, and touches no parameter
-gradients (it differentiates w.r.t. the input only).
+gradients (it differentiates w.r.t. the input only; the models' parameters are frozen for the
+duration of the attack, so no weight gradient is ever computed).
+
+``cuda_graph=True`` captures one whole attack step (every modality's backbone forward, head,
+loss, input-gradient backward and the fused update) in a CUDA graph, once per input shape, and
+replays it for the ``steps`` iterations. The step is free of host syncs; the random start runs
+eagerly before the replays (one launch), and the worst-case bookkeeping uses masks, so the
+graphed attack returns exactly the eager attack's adversarial examples.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch import nn
 from advcal import ops
 from advcal.backbones.base import Backbone
 from advcal.heads import Head
+from advcal.profiling import nvtx_range
 from advcal.specs import InputSpec
 
 
@@ -55,7 +63,8 @@ class ZeroShotClassifier(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen backbone embedding (before the head), ``(B, D)``."""
-        return self.backbone.encode(self.modality, x, check=False)
+        with nvtx_range("backbone_forward"):
+            return self.backbone.encode(self.modality, x, check=False)
 
     def _head_args(self, e: torch.Tensor):
         """``(input, weight, bias, residual)`` for the fused ops: linear heads go into the op;
@@ -74,10 +83,22 @@ class ZeroShotClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embedding(self.embed(x))
 
+    def cross_entropy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample cross-entropy ``(B,)`` fp32 of the logits (PGD's objective): one fused op
+        (projection + normalisation + logits + CE), no ``(B, K)`` logits written out."""
+        e = self.embed(x)
+        with nvtx_range("head_loss"):
+            inp, w, b, residual = self._head_args(e)
+            return ops.head_ce(
+                inp, w, b, self.centers, y, self.tau, residual=residual, reduction="none"
+            )
+
     def target_cos(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``cos(z, c_y)`` per sample (CrossMaxim's objective), one fused op."""
-        inp, w, b, residual = self._head_args(self.embed(x))
-        return ops.head_target_cos(inp, w, b, self.centers, y, residual=residual)
+        e = self.embed(x)
+        with nvtx_range("head_loss"):
+            inp, w, b, residual = self._head_args(e)
+            return ops.head_target_cos(inp, w, b, self.centers, y, residual=residual)
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,10 @@ class Attack:
         spec: the InputSpec(s); default: ``model.spec`` (ZeroShotClassifier has one).
         random_start: start uniformly inside the ball (True) or at ``x``.
         seed: seeds the random starts (a ``torch.Generator``), so attacks are reproducible.
+            A plain attribute: set ``atk.seed`` between calls to reuse one attack object
+            (and its captured graphs) with fresh random starts.
+        cuda_graph: capture the attack step in a CUDA graph per input shape and replay it
+            (CUDA inputs only; the models must be capturable: no host syncs in ``forward``).
     """
 
     name = "attack"
@@ -119,6 +144,7 @@ class Attack:
         spec: InputSpec | Mapping[str, InputSpec] | None = None,
         random_start: bool = True,
         seed: int = 0,
+        cuda_graph: bool = False,
     ) -> None:
         if steps < 0 or restarts < 1:
             raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}")
@@ -142,6 +168,9 @@ class Attack:
             self.targets[m] = _Target(mod, s, e, float(a))
         self.steps, self.restarts = steps, restarts
         self.random_start, self.seed = random_start, seed
+        self.cuda_graph = bool(cuda_graph)
+        self._graphs: dict[tuple, _CapturedStep] = {}
+        self._pool = None
 
     # -- the objective ------------------------------------------------------------------
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -161,11 +190,19 @@ class Attack:
             t.spec.check_input(xs[m], name, m)
             if xs[m].shape[0] != y.shape[0]:
                 raise ValueError(f"{name} has batch {xs[m].shape[0]} but y has {y.shape[0]}")
+            if xs[m].device != y.device:
+                raise ValueError(f"{name} is on {xs[m].device} but y is on {y.device}")
             below = t.spec.lo is not None and bool(xs[m].min() < t.spec.lo - 1e-6)
             above = t.spec.hi is not None and bool(xs[m].max() > t.spec.hi + 1e-6)
             if below or above:
                 raise ValueError(f"{name} lies outside its valid range [{t.spec.lo}, {t.spec.hi}]")
-        with _eval_mode([t.model for t in self.targets.values()]):
+        if self.cuda_graph and y.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graph=True needs CUDA inputs, got tensors on {y.device}; "
+                "pass cuda_graph=False to attack on this device"
+            )
+        models = [t.model for t in self.targets.values()]
+        with nvtx_range(f"attack/{self.name}"), _eval_mode(models), _frozen_params(models):
             out = self._run({m: xs[m].detach() for m in self.targets}, y)
         return out if self.multi else out[""]
 
@@ -173,12 +210,23 @@ class Attack:
     def _run(self, x0: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
         device = y.device
         gen = torch.Generator(device=device).manual_seed(self.seed)
+        groups = _by_norm(self.targets)
+        if self.cuda_graph and self.steps > 0:
+            step = self._captured(x0, y)
+            x0, y, x_adv = step.x0, step.y, step.x_adv  # static buffers, refilled per call
+            run_step = step.replay
+        else:
+            x_adv = {m: x.clone() for m, x in x0.items()}
+
+            def run_step() -> None:
+                self._step(x_adv, x0, y, groups)
+
         best = {m: x.clone() for m, x in x0.items()}
         best_wrong = {m: torch.zeros(len(y), dtype=torch.bool, device=device) for m in x0}
         best_loss = {m: torch.full((len(y),), -float("inf"), device=device) for m in x0}
-        groups = _by_norm(self.targets)
         for _ in range(self.restarts):
-            x_adv = {m: x.clone() for m, x in x0.items()}
+            for m in x_adv:
+                x_adv[m].copy_(x0[m])
             if self.random_start:
                 for norm, ms in groups.items():
                     ops.random_start_(
@@ -191,19 +239,8 @@ class Attack:
                         generator=gen,
                     )
             for _ in range(self.steps):
-                grads = {m: self._grad(self.targets[m].model, x_adv[m], y) for m in x_adv}
-                for norm, ms in groups.items():
-                    ops.pgd_step_(
-                        [x_adv[m] for m in ms],
-                        [grads[m] for m in ms],
-                        [x0[m] for m in ms],
-                        alpha=[self.targets[m].alpha for m in ms],
-                        eps=[self.targets[m].eps for m in ms],
-                        lo=[self.targets[m].spec.lo for m in ms],
-                        hi=[self.targets[m].spec.hi for m in ms],
-                        norm=norm,
-                    )
-            with torch.no_grad():
+                run_step()
+            with torch.no_grad():  # keep the per-sample worst case, by masks (no host sync)
                 for m, xa in x_adv.items():
                     model = self.targets[m].model
                     wrong = model(xa).argmax(1) != y
@@ -211,17 +248,58 @@ class Attack:
                     better = (wrong & ~best_wrong[m]) | (
                         (wrong == best_wrong[m]) & (loss > best_loss[m])
                     )
-                    best[m][better] = xa[better]
+                    mask = better.view(-1, *([1] * (xa.dim() - 1)))
+                    best[m] = torch.where(mask, xa, best[m])
                     best_wrong[m] |= wrong
                     best_loss[m] = torch.where(better, loss, best_loss[m])
         return best
+
+    def _step(self, x_adv, x0, y, groups) -> None:
+        """One attack step for every modality: input gradients, then one fused update per
+        norm group. Reads and writes only the given tensors (so a CUDA graph can capture it)."""
+        grads = {m: self._grad(self.targets[m].model, x_adv[m], y) for m in x_adv}
+        with nvtx_range("update"):
+            for norm, ms in groups.items():
+                ops.pgd_step_(
+                    [x_adv[m] for m in ms],
+                    [grads[m] for m in ms],
+                    [x0[m] for m in ms],
+                    alpha=[self.targets[m].alpha for m in ms],
+                    eps=[self.targets[m].eps for m in ms],
+                    lo=[self.targets[m].spec.lo for m in ms],
+                    hi=[self.targets[m].spec.hi for m in ms],
+                    norm=norm,
+                )
 
     def _grad(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss(model, x, y).sum()
-            (g,) = torch.autograd.grad(loss, x)
+            with nvtx_range("backward"):
+                (g,) = torch.autograd.grad(loss, x)
         return g
+
+    def _captured(self, x0: dict[str, torch.Tensor], y: torch.Tensor) -> _CapturedStep:
+        """The captured step for these shapes (captured on first use), its buffers refilled."""
+        autocast = (
+            torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None,
+        )
+        key = (
+            y.device,
+            tuple(y.shape),
+            tuple((m, tuple(x.shape), x.dtype) for m, x in x0.items()),
+            autocast,
+        )
+        step = self._graphs.get(key)
+        if step is None:
+            step = _CapturedStep(self, x0, y, autocast)
+            self._graphs[key] = step
+        with torch.no_grad():
+            for m, x in x0.items():
+                step.x0[m].copy_(x)
+            step.y.copy_(y)
+        return step
 
     def describe(self) -> dict:
         return {
@@ -230,10 +308,47 @@ class Attack:
             "restarts": self.restarts,
             "random_start": self.random_start,
             "seed": self.seed,
+            "cuda_graph": self.cuda_graph,
             "eps": {m or "x": t.eps for m, t in self.targets.items()},
             "alpha": {m or "x": t.alpha for m, t in self.targets.items()},
             "norm": {m or "x": t.spec.norm for m, t in self.targets.items()},
         }
+
+
+class _CapturedStep:
+    """One attack step of ``attack`` captured in a CUDA graph over static buffers
+    ``x_adv``/``x0`` (dicts by modality) and ``y``; :meth:`replay` runs it."""
+
+    def __init__(self, attack: Attack, x0: dict, y: torch.Tensor, autocast: tuple) -> None:
+        from advcal.cuda_graph import GraphedStep
+
+        self.x0 = {m: x.clone() for m, x in x0.items()}
+        self.x_adv = {m: x.clone() for m, x in x0.items()}
+        self.y = y.clone()
+        groups = _by_norm(attack.targets)
+        enabled, dtype = autocast
+
+        def step() -> None:
+            # the autocast cache must be off under capture (cached casts would be graph-private)
+            with torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=enabled,
+                                cache_enabled=False):  # fmt: skip
+                attack._step(self.x_adv, self.x0, self.y, groups)
+
+        if attack._pool is None:
+            attack._pool = torch.cuda.graph_pool_handle()
+        static = [*self.x_adv.values(), *self.x0.values(), self.y]
+        try:
+            self.graph = GraphedStep(step, static, pool=attack._pool)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"cuda_graph=True: capturing the {attack.name} step failed ({err}). A model "
+                "whose forward synchronises with the host (.item(), data-dependent control "
+                "flow, CPU random numbers, e.g. farthest-point sampling with a random start) "
+                "cannot be captured; attack it with cuda_graph=False"
+            ) from err
+
+    def replay(self) -> None:
+        self.graph.replay()
 
 
 class PGD(Attack):
@@ -242,6 +357,8 @@ class PGD(Attack):
     name = "pgd"
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(model, ZeroShotClassifier):  # fused head + CE, per sample
+            return model.cross_entropy(x, y)
         return F.cross_entropy(model(x).float(), y, reduction="none")
 
 
@@ -269,6 +386,20 @@ def _by_norm(targets: Mapping[str, _Target]) -> dict[str, list[str]]:
     for m, t in targets.items():
         groups.setdefault(t.spec.norm, []).append(m)
     return groups
+
+
+@contextlib.contextmanager
+def _frozen_params(models):
+    """``requires_grad=False`` on every parameter of ``models`` for the attack (restored after):
+    the attack differentiates w.r.t. its input only, so no op computes a weight gradient."""
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from advcal.objectives import Objective
 from advcal.profiling import nvtx_range
 
 CHECKPOINT = "checkpoint.pt"
+LOG_EVERY = 10  # progress-bar loss refresh, in steps (each refresh is one host sync)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class CalibConfig:
     alpha_ratio: float = 0.25
     eps_scale: float = 1.0  # train at eps_scale x each modality's eps
     amp: bool = False
+    cuda_graph: bool = False  # capture the training attack's step in a CUDA graph (GPU only)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +66,8 @@ class CalibConfig:
             raise ValueError("CalibConfig needs lr > 0, weight_decay >= 0, eps_scale >= 0")
         if isinstance(self.objective, dict):
             object.__setattr__(self, "objective", Objective(**self.objective))
+        if self.alpha_ratio <= 0 or self.alpha_ratio > 1:
+            raise ValueError(f"CalibConfig.alpha_ratio must be in (0, 1], got {self.alpha_ratio}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +110,11 @@ class Calibrator:
             raise ValueError(
                 f"centers must be (K, {backbone.embed_dim}), got {tuple(centers.shape)}"
             )
+        if self.config.cuda_graph and self.device.type != "cuda":
+            raise ValueError(
+                f"CalibConfig(cuda_graph=True) needs a CUDA device, got {self.device}; "
+                "set cuda_graph=False (the default) to calibrate on this device"
+            )
         self.backbone = backbone.to(self.device)
         self.centers = F.normalize(centers.detach().float(), dim=-1).to(self.device)
         self.modalities = tuple(modalities)
@@ -141,7 +150,9 @@ class Calibrator:
             out[m] = torch.cat(chunks)
         return out
 
-    def _attack(self, epoch: int, step: int) -> PGD:
+    def _attack(self) -> PGD:
+        """The training attack over every modality, built once (its CUDA graphs, when
+        ``cuda_graph=True``, are captured once per batch shape); reseeded per batch."""
         classifiers = {
             m: ZeroShotClassifier(
                 self.backbone, m, self.centers, self.heads[m], self.config.objective.tau
@@ -154,7 +165,7 @@ class Calibrator:
             eps=eps,
             steps=self.config.attack_steps,
             alpha_ratio=self.config.alpha_ratio,
-            seed=_seed(self.config.seed, epoch, step, dist.rank()),
+            cuda_graph=self.config.cuda_graph,
         )
 
     def _checkpoint_path(self) -> Path | None:
@@ -258,12 +269,13 @@ class Calibrator:
         if dist.enabled():  # gradients of the heads all-reduced by PyTorch's DDP
             loss_fn = DistributedDataParallel(loss_fn)
         show = progress and dist.is_main()
+        attack = self._attack()
 
         t0 = time.perf_counter()
         for epoch in range(start, cfg.epochs):
             sampler.set_epoch(epoch)
             batches = torch.tensor(list(sampler), dtype=torch.long).split(local_bs)
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
             bar = tqdm(
                 batches,
                 desc=f"calibrate epoch {epoch + 1}/{cfg.epochs}",
@@ -272,15 +284,15 @@ class Calibrator:
                 dynamic_ncols=True,
             )
             for step, idx in enumerate(bar):
+                attack.seed = _seed(cfg.seed, epoch, step, dist.rank())
                 with nvtx_range("calibration_step"):
-                    parts = self._step(
-                        epoch, step, idx, dataset, e_clean, probs, labels, opt, loss_fn
-                    )
+                    parts = self._step(attack, idx, dataset, e_clean, probs, labels, opt, loss_fn)
                 sched.step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
-                bar.set_postfix(loss=f"{parts['loss']:.3f}")
-            means = torch.tensor([v / steps_per_epoch for v in sums.values()], dtype=torch.float64)
+                if show and (step % LOG_EVERY == 0 or step == len(batches) - 1):
+                    bar.set_postfix(loss=f"{float(parts['loss']):.3f}")
+            means = torch.stack([v / steps_per_epoch for v in sums.values()]).double().cpu()
             dist.all_reduce_mean_(means)
             self.history.append(
                 {"epoch": epoch + 1, **dict(zip(sums, means.tolist(), strict=True))}
@@ -298,11 +310,11 @@ class Calibrator:
         self.heads.eval()
         return self.heads
 
-    def _step(self, epoch, step, idx, dataset, e_clean, probs, labels, opt, loss_fn):
+    def _step(self, attack, idx, dataset, e_clean, probs, labels, opt, loss_fn):
         y = labels[idx]
         xs = {m: dataset.inputs[m][idx].to(self.device) for m in self.modalities}
         with self._autocast():
-            x_adv = self._attack(epoch, step)(xs, y)
+            x_adv = attack(xs, y)
             with torch.no_grad():
                 e_adv = {
                     m: self.backbone.encode(m, x_adv[m], check=False).float()
@@ -319,7 +331,7 @@ class Calibrator:
         total.backward()
         opt.step()
         self.heads.eval()
-        parts["loss"] = float(total.detach()) / len(self.modalities)
+        parts["loss"] = total.detach() / len(self.modalities)
         return parts
 
 
@@ -333,7 +345,7 @@ class _HeadsLoss(nn.Module):
 
     def forward(self, e_adv, e_clean, cross, y):
         total = torch.zeros((), device=self.centers.device)
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         for m in self.heads.modalities:
             loss, p = self.objective(
                 self.heads[m], e_adv[m], e_clean[m], self.centers, y, cross_probs=cross[m]

@@ -36,6 +36,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modalities", help="comma-separated subset of modalities")
     p.add_argument("--epochs", type=int, help="calibration epochs")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for calibration (GPU)")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture every attack step in a CUDA graph (calibration and evaluation; GPU)",
+    )
     p.add_argument("--out", type=Path, required=False, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -51,10 +57,18 @@ def _config_from_args(args, base=None):
             changes[name] = getattr(args, name)
     if getattr(args, "modalities", None):
         changes["modalities"] = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    if getattr(args, "epochs", None) is not None:
-        import dataclasses
+    import dataclasses
 
-        changes["calib"] = dataclasses.replace(cfg.calib, epochs=args.epochs)
+    calib = {}
+    if getattr(args, "epochs", None) is not None:
+        calib["epochs"] = args.epochs
+    if getattr(args, "amp", False):
+        calib["amp"] = True
+    if getattr(args, "cuda_graph", False):
+        calib["cuda_graph"] = True
+        changes["eval"] = dataclasses.replace(cfg.eval, cuda_graph=True)
+    if calib:
+        changes["calib"] = dataclasses.replace(cfg.calib, **calib)
     return cfg.replace(**changes) if changes else cfg
 
 
@@ -111,7 +125,11 @@ def cmd_evaluate(args) -> int:
     else:
         cfg = _config_from_args(args)
         backbone = backbones.load(
-            cfg.backbone, checkpoint=cfg.checkpoint, device=cfg.device, **cfg.backbone_kwargs
+            cfg.backbone,
+            checkpoint=cfg.checkpoint,
+            device=cfg.device,
+            progress=not args.no_progress,
+            **cfg.backbone_kwargs,
         )
         _, test = _datasets(cfg)
         heads = None
@@ -189,10 +207,12 @@ def cmd_info(args) -> int:
 
 
 def cmd_convert_centers(args) -> int:
-    from advcal.backbones.unibind import convert_centers
+    from advcal.backbones.unibind import convert_centers, load_centers
 
     convert_centers(args.src, args.dst, trust_pickle=args.trust_pickle)
-    print(f"wrote {args.dst}")
+    mc = load_centers(args.dst)
+    k, (m, d) = len(mc.class_names), tuple(mc.centers.shape)
+    print(f"wrote {args.dst}: {m} centres of width {d} for {k} classes")
     return 0
 
 
@@ -257,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, PermissionError) as err:
+        # user errors (bad argument, missing file, refused unpickling): one line, exit 2
         print(f"advcal {args.cmd}: error: {err}", file=sys.stderr)
         return 2
 

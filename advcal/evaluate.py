@@ -59,6 +59,7 @@ class EvalConfig:
     retrieval: bool = True
     tau: float = 0.07
     seed: int = 1234
+    cuda_graph: bool = False  # capture every attack step in a CUDA graph (GPU only)
 
     def __post_init__(self) -> None:
         unknown = [a for a in self.attacks if a not in ATTACKS]
@@ -123,6 +124,11 @@ def evaluate(
     ``modalities.<m>`` (accuracies as fractions), ``retrieval``, ``sanity``, ``config``."""
     cfg = config or EvalConfig()
     device = torch.device(device) if device is not None else centers.device
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"EvalConfig(cuda_graph=True) needs a CUDA device, got {device}; "
+            "set cuda_graph=False (the default) to evaluate on this device"
+        )
     modalities = tuple(modalities or dataset.modalities)
     for m in modalities:
         backbone.spec(m)
@@ -151,15 +157,20 @@ def evaluate(
         dynamic_ncols=True,
     )
     acc: dict[str, dict[str, list]] = {m: {} for m in modalities}
+    suites: dict[str, tuple[_Model, _Suite]] = {}
     for m, idx in bar:
-        model = _Model(backbone, m, centers, heads, cfg.tau)
-        spec = backbone.spec(m)
-        eps = spec.check_eps(spec.eps * cfg.eps_scale)
+        if m not in suites:  # one model and attack suite per modality, reused over batches
+            model = _Model(backbone, m, centers, heads, cfg.tau)
+            suites[m] = (model, _Suite(model.clf, backbone.spec(m), cfg))
+        model, suite = suites[m]
         x, y = dataset.inputs[m][idx].to(device), y_all[idx.to(device)]
         rec = acc[m]
 
         def add(key, value, rec=rec):
             rec.setdefault(key, []).append(value)
+
+        def top1(x_adv, model=model, y=y):
+            return topk_correct(model.logits_and_embed(x_adv)[0], y, 1)
 
         logits, z = model.logits_and_embed(x)
         add("clean_top1", topk_correct(logits, y, 1))
@@ -169,15 +180,7 @@ def evaluate(
         worst1 = torch.ones_like(y, dtype=torch.bool)
         worst5 = torch.ones_like(y, dtype=torch.bool)
         worst_x, worst_margin = x.clone(), torch.full_like(y, float("inf"), dtype=torch.float)
-        for i, name in enumerate(cfg.attacks):
-            atk = ATTACKS[name](
-                model.clf,
-                eps=eps,
-                steps=cfg.steps,
-                restarts=cfg.restarts,
-                alpha_ratio=cfg.alpha_ratio,
-                seed=cfg.seed + i,
-            )
+        for name, atk in suite.attacks.items():
             xa = atk(x, y)
             la, _ = model.logits_and_embed(xa)
             c1, c5 = topk_correct(la, y, 1), topk_correct(la, y, 5)
@@ -188,45 +191,19 @@ def evaluate(
                 - la.scatter(1, y[:, None], -float("inf")).max(1).values
             )
             take = margin < worst_margin
-            worst_x[take], worst_margin[take] = xa[take], margin[take]
+            worst_x = torch.where(take.view(-1, *([1] * (x.dim() - 1))), xa, worst_x)
+            worst_margin = torch.where(take, margin, worst_margin)
             worst1 &= c1
             worst5 &= c5
         add("robust_top1", worst1)
         add("robust_top5", worst5)
         embeds["adv"].setdefault(m, []).append(model.logits_and_embed(worst_x)[1])
 
-        weak = PGD(
-            model.clf,
-            eps=eps,
-            steps=cfg.weak_steps,
-            alpha_ratio=cfg.weak_alpha_ratio,
-            seed=cfg.seed + 100,
-        )
-        add("weak_top1", topk_correct(model.logits_and_embed(weak(x, y))[0], y, 1))
-        for mult in cfg.sweep:
-            e = spec.check_eps(spec.eps * mult)
-            if abs(mult - cfg.eps_scale) < 1e-9:
-                add(f"sweep_{mult:g}", worst1)  # the full evaluation at this eps
-                continue
-            atk = PGD(
-                model.clf,
-                eps=e,
-                steps=cfg.sweep_steps,
-                alpha_ratio=cfg.weak_alpha_ratio,
-                seed=cfg.seed + 200,
-            )
-            add(f"sweep_{mult:g}", topk_correct(model.logits_and_embed(atk(x, y))[0], y, 1))
-        big = spec.eps * cfg.large_eps_multiplier
-        if spec.range is not None and spec.norm == "linf":
-            big = min(big, spec.range)
-        atk = PGD(
-            model.clf,
-            eps=big,
-            steps=cfg.sweep_steps,
-            alpha_ratio=cfg.weak_alpha_ratio,
-            seed=cfg.seed + 300,
-        )
-        add("large_eps_top1", topk_correct(model.logits_and_embed(atk(x, y))[0], y, 1))
+        add("weak_top1", top1(suite.weak(x, y)))
+        for mult, atk in suite.sweep.items():
+            # the full evaluation at the evaluation eps; a PGD-sweep_steps attack elsewhere
+            add(f"sweep_{mult:g}", worst1 if atk is None else top1(atk(x, y)))
+        add("large_eps_top1", top1(suite.large(x, y)))
 
     order = dist.all_gather_cat(local).argsort()  # gathered position -> sample index order
     for m in modalities:
@@ -252,6 +229,49 @@ def evaluate(
         results["retrieval"] = _retrieval(embeds, dataset, centers, modalities, device)
     results["sanity"] = sanity_checks(results["modalities"], cfg)
     return results
+
+
+class _Suite:
+    """Every attack the protocol runs on one modality, built once (seeded identically for
+    every batch; with ``cuda_graph`` each captures its step once per batch shape)."""
+
+    def __init__(self, clf: ZeroShotClassifier, spec, cfg: EvalConfig) -> None:
+        eps = spec.check_eps(spec.eps * cfg.eps_scale)
+        graph = cfg.cuda_graph
+        self.attacks = {
+            name: ATTACKS[name](
+                clf,
+                eps=eps,
+                steps=cfg.steps,
+                restarts=cfg.restarts,
+                alpha_ratio=cfg.alpha_ratio,
+                seed=cfg.seed + i,
+                cuda_graph=graph,
+            )
+            for i, name in enumerate(cfg.attacks)
+        }
+
+        def pgd(eps: float, steps: int, seed: int) -> PGD:
+            return PGD(
+                clf,
+                eps=eps,
+                steps=steps,
+                alpha_ratio=cfg.weak_alpha_ratio,
+                seed=seed,
+                cuda_graph=graph,
+            )
+
+        self.weak = pgd(eps, cfg.weak_steps, cfg.seed + 100)  # the training attack
+        self.sweep: dict[float, PGD | None] = {
+            mult: None
+            if abs(mult - cfg.eps_scale) < 1e-9
+            else pgd(spec.check_eps(spec.eps * mult), cfg.sweep_steps, cfg.seed + 200)
+            for mult in cfg.sweep
+        }
+        big = spec.eps * cfg.large_eps_multiplier
+        if spec.range is not None and spec.norm == "linf":
+            big = min(big, spec.range)
+        self.large = pgd(big, cfg.sweep_steps, cfg.seed + 300)
 
 
 def _retrieval(embeds, dataset, centers, modalities, device) -> dict:

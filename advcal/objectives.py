@@ -104,12 +104,13 @@ class Objective:
         labels: torch.Tensor,
         *,
         cross_probs: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of ``head`` on frozen adversarial embeddings ``e_adv`` (B, D).
 
         ``cross_probs`` (B, K): the frozen clean prediction of the same instances in the other
         modalities, when the batch pairs them; it adds the paired cross-modal consistency term.
-        Returns the loss and its parts (floats, for logging).
+        Returns the loss and its parts (detached 0-dim tensors, for logging: reading them
+        with ``float()`` is the caller's choice of when to synchronise with the device).
         """
         _check(e_adv, centers, labels)
         z = head(e_adv)
@@ -139,4 +140,4 @@ class Objective:
             "consistency": self.consistency,
         }
         loss = sum(weights[k] * v for k, v in parts.items())
-        return loss, {k: float(v.detach()) for k, v in parts.items()}
+        return loss, {k: v.detach() for k, v in parts.items()}

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 
 from advcal.attacks import PGD, CrossMaxim, ZeroShotClassifier
 from advcal.heads import CalibrationHeads
@@ -41,7 +42,7 @@ def test_attack_lowers_accuracy_and_large_eps_breaks(toy):
 
 
 def test_adaptive_through_head_and_no_side_effects(toy):
-    bb, centers, ds = toy
+    bb = toy[0]
     heads = CalibrationHeads(["img"], bb.embed_dim, kind="mlp")
     heads.train()
     clf, x, y = _clf(toy, head=heads["img"])
@@ -95,10 +96,72 @@ def test_bad_inputs(toy):
     with pytest.raises(ValueError, match="batch"):
         PGD(clf)(x, y[:3])
     with pytest.raises(TypeError, match="target_cos"):
-        CrossMaxim(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)),
-                   spec=clf.spec)(x, y)
+        CrossMaxim(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4)), spec=clf.spec)(
+            x, y
+        )
     bb, centers, _ = toy
     with pytest.raises(ValueError, match="unknown modality 'audio'"):
         ZeroShotClassifier(bb, "audio", centers)
     with pytest.raises(ValueError, match="centers must be"):
         ZeroShotClassifier(bb, "img", F.normalize(torch.randn(4, 5), dim=-1))
+
+
+def test_parameters_frozen_only_during_the_attack(toy):
+    bb = toy[0]
+    heads = CalibrationHeads(["img"], bb.embed_dim, kind="mlp")  # forward() runs in the loop
+    clf, x, y = _clf(toy, head=heads["img"])
+    seen = []
+    hook = heads["img"].register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.fc1.weight.requires_grad)
+    )
+    PGD(clf, steps=2)(x, y)
+    hook.remove()
+    assert seen and not any(seen), "no weight gradient may be computed inside the attack"
+    assert all(p.requires_grad for p in heads.parameters()), "requires_grad is restored"
+
+
+def test_cuda_graph_needs_cuda_inputs(toy):
+    clf, x, y = _clf(toy)
+    with pytest.raises(ValueError, match="cuda_graph=True needs CUDA inputs"):
+        PGD(clf, steps=2, cuda_graph=True)(x, y)
+
+
+def test_nvtx_ranges_cover_the_attack(toy, monkeypatch):
+    from advcal import profiling
+
+    names: list[str] = []
+    monkeypatch.setattr(profiling, "enabled", lambda: True)
+    monkeypatch.setattr(profiling, "_nvtx", None)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: names.append(name))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: None)
+    clf, x, y = _clf(toy)
+    PGD(clf, steps=2)(x, y)
+    for want in ("attack/pgd", "backbone_forward", "head_loss", "backward", "update"):
+        assert f"advcal:{want}" in names, (want, sorted(set(names)))
+
+
+@requires_cuda
+@pytest.mark.parametrize("cls", [PGD, CrossMaxim])
+def test_cuda_graph_gives_the_eager_adversarial_examples(toy, cls):
+    bb, centers, ds = toy
+    bb = bb.to("cuda")
+    heads = CalibrationHeads(["img", "vec"], bb.embed_dim, kind="residual_linear").cuda()
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    clfs = {
+        m: ZeroShotClassifier(bb, m, centers.cuda(), heads[m]) for m in ("img", "vec")
+    }  # L-inf and L2 modalities in one call
+    xs = {m: ds.inputs[m][:32].cuda() for m in clfs}
+    y = ds.labels[:32].cuda()
+    eager = cls(clfs, steps=5, restarts=2, seed=7)(xs, y)
+    graphed_atk = cls(clfs, steps=5, restarts=2, seed=7, cuda_graph=True)
+    graphed = graphed_atk(xs, y)
+    again = graphed_atk(xs, y)  # replays the captured graph with refilled buffers
+    for m in clfs:
+        assert torch.equal(eager[m], graphed[m]), m
+        assert torch.equal(eager[m], again[m]), m
+        assert not torch.equal(eager[m], xs[m])
+    assert len(graphed_atk._graphs) == 1
+    graphed_atk({m: v[:16] for m, v in xs.items()}, y[:16])  # a new shape: a second graph
+    assert len(graphed_atk._graphs) == 2

@@ -1,12 +1,20 @@
+import dataclasses
+
 import pytest
 import torch
+from conftest import requires_cuda
 
 from advcal.calibrate import CHECKPOINT, CalibConfig, Calibrator
 from advcal.data import MultiModalDataset
 from advcal.objectives import Objective
 
-CFG = CalibConfig(epochs=3, batch_size=32, attack_steps=2, head_kind="residual_linear",
-                  objective=Objective(consistency=0.5))
+CFG = CalibConfig(
+    epochs=3,
+    batch_size=32,
+    attack_steps=2,
+    head_kind="residual_linear",
+    objective=Objective(consistency=0.5),
+)
 
 
 def _fit(toy, out=None, **kw):
@@ -22,19 +30,19 @@ def test_heads_move_and_backbone_stays_frozen(toy):
     assert any(p.abs().sum() > 0 for p in heads.parameters()), "heads were trained"
     assert all(torch.equal(v, bb.state_dict()[k]) for k, v in frozen.items())
     assert not any(p.requires_grad for p in bb.parameters())
-    assert len(cal.history) == 3 and {"ce", "l2", "infonce", "consistency"} <= set(
-        cal.history[0])
+    assert len(cal.history) == 3 and {"ce", "l2", "infonce", "consistency"} <= set(cal.history[0])
 
 
 def test_resume_after_interruption_matches_uninterrupted(toy, tmp_path):
     _, straight = _fit(toy, tmp_path / "a")
     _, first = _fit(toy, tmp_path / "b", stop_after=1)  # "interrupted" after epoch 1
     assert (tmp_path / "b" / CHECKPOINT).is_file()
-    assert not all(torch.equal(a, b) for a, b in
-                   zip(first.state_dict().values(), straight.state_dict().values(), strict=True))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), straight.state_dict().values(), strict=True)
+    )
     _, resumed = _fit(toy, tmp_path / "b", resume=True)
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
-                         strict=True):
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
@@ -68,3 +76,21 @@ def test_bad_inputs(toy):
     bad.inputs["img"][0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         cal.fit(bad, progress=False)
+
+
+def test_cuda_graph_needs_a_cuda_device(toy):
+    bb, centers, _ = toy
+    with pytest.raises(ValueError, match=r"cuda_graph=True\) needs a CUDA device"):
+        Calibrator(bb, centers, ["img"], dataclasses.replace(CFG, cuda_graph=True))
+
+
+@requires_cuda
+def test_cuda_graph_calibration_equals_eager(toy):
+    bb, centers, ds = toy
+    fits = []
+    for graph in (False, True):
+        cfg = dataclasses.replace(CFG, epochs=2, cuda_graph=graph)
+        cal = Calibrator(bb, centers.cuda(), ["img", "vec"], cfg, device="cuda")
+        fits.append(cal.fit(ds, progress=False).state_dict())
+    for k, v in fits[0].items():
+        assert torch.equal(v, fits[1][k]), k
