@@ -11,7 +11,7 @@ Quick tour::
     result = advcal.evaluate(backbone, advcal.data.load_dataset("digits", "test"), centers, heads)
 """
 
-from advcal import backbones, data, objectives, ops, report
+from advcal import backbones, centers, data, objectives, ops, report
 from advcal.attacks import PGD, CrossMaxim, ZeroShotClassifier
 from advcal.calibrate import CalibConfig, Calibrator
 from advcal.evaluate import EvalConfig, evaluate
@@ -35,6 +35,7 @@ __all__ = [
     "RunConfig",
     "ZeroShotClassifier",
     "backbones",
+    "centers",
     "data",
     "evaluate",
     "load_run",

@@ -32,6 +32,7 @@ from torch import nn
 
 from advcal import ops
 from advcal.backbones.base import Backbone
+from advcal.centers import Centers, class_logits, split
 from advcal.heads import Head
 from advcal.profiling import nvtx_range
 from advcal.specs import InputSpec
@@ -40,26 +41,32 @@ from advcal.specs import InputSpec
 class ZeroShotClassifier(nn.Module):
     """``x -> logits``: frozen ``backbone.encode(m, x)`` -> ``head`` -> cos vs ``centers`` / tau.
 
-    ``head=None`` gives the frozen model. Logits are fp32 ``(B, K)``.
+    ``centers``: ``(K, D)`` (one per class) or :class:`advcal.centers.MultiCenters` (many per
+    class; a class scores its nearest center). ``head=None`` gives the frozen model. Logits are
+    fp32 ``(B, K)``.
     """
 
     def __init__(
         self,
         backbone: Backbone,
         modality: str,
-        centers: torch.Tensor,
+        centers: Centers,
         head: Head | None = None,
         tau: float = 0.07,
     ) -> None:
         super().__init__()
         self.spec = backbone.spec(modality)  # validates the modality
-        if centers.dim() != 2 or centers.shape[1] != backbone.embed_dim:
-            raise ValueError(
-                f"centers must be (K, {backbone.embed_dim}) for backbone "
-                f"'{backbone.name}', got {tuple(centers.shape)}"
-            )
+        try:
+            c, labels, self.num_classes = split(centers, backbone.embed_dim)
+        except ValueError as err:
+            raise ValueError(f"{err} (backbone '{backbone.name}')") from err
         self.backbone, self.modality, self.head, self.tau = backbone, modality, head, tau
-        self.register_buffer("centers", centers.detach(), persistent=False)
+        self.register_buffer("centers", c, persistent=False)
+        self.register_buffer("center_labels", labels, persistent=False)
+
+    @property
+    def multi_center(self) -> bool:
+        return self.center_labels is not None
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen backbone embedding (before the head), ``(B, D)``."""
@@ -76,9 +83,11 @@ class ZeroShotClassifier(nn.Module):
             return self.head(e), None, None, False
         return (e, *fused)
 
-    def logits_from_embedding(self, e: torch.Tensor) -> torch.Tensor:
+    def logits_from_embedding(self, e: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         x, w, b, residual = self._head_args(e)
-        return ops.head_logits(x, w, b, self.centers, self.tau, residual=residual)
+        tau = self.tau if tau is None else tau
+        logits = ops.head_logits(x, w, b, self.centers, tau, residual=residual)
+        return class_logits(logits, self.center_labels, self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embedding(self.embed(x))
@@ -88,15 +97,20 @@ class ZeroShotClassifier(nn.Module):
         (projection + normalisation + logits + CE), no ``(B, K)`` logits written out."""
         e = self.embed(x)
         with nvtx_range("head_loss"):
+            if self.multi_center:  # per-class max over centers first, then CE
+                return F.cross_entropy(self.logits_from_embedding(e), y, reduction="none")
             inp, w, b, residual = self._head_args(e)
             return ops.head_ce(
                 inp, w, b, self.centers, y, self.tau, residual=residual, reduction="none"
             )
 
     def target_cos(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``cos(z, c_y)`` per sample (CrossMaxim's objective), one fused op."""
+        """``cos(z, c_y)`` per sample (CrossMaxim's objective), one fused op; with many centers
+        per class, the cosine to the nearest center of class ``y``."""
         e = self.embed(x)
         with nvtx_range("head_loss"):
+            if self.multi_center:
+                return self.logits_from_embedding(e, tau=1.0).gather(1, y[:, None]).squeeze(1)
             inp, w, b, residual = self._head_args(e)
             return ops.head_target_cos(inp, w, b, self.centers, y, residual=residual)
 

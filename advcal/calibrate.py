@@ -28,9 +28,9 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from advcal import distributed as dist
-from advcal import ops
 from advcal.attacks import PGD, ZeroShotClassifier
 from advcal.backbones.base import Backbone
+from advcal.centers import Centers, MultiCenters, split, zero_shot_logits
 from advcal.data import MultiModalDataset
 from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
@@ -85,7 +85,8 @@ class Calibrator:
 
     Args:
         backbone: the frozen Backbone.
-        centers: ``(K, D)`` unit-norm fixed semantic centers.
+        centers: ``(K, D)`` unit-norm fixed semantic centers, or
+            :class:`advcal.centers.MultiCenters` (many per class, nearest one counts).
         modalities: which modalities get a head (default: all the dataset has).
         config: :class:`CalibConfig`.
         out_dir: where checkpoints go (None: no checkpoints, no resume).
@@ -95,7 +96,7 @@ class Calibrator:
     def __init__(
         self,
         backbone: Backbone,
-        centers: torch.Tensor,
+        centers: Centers,
         modalities: Sequence[str],
         config: CalibConfig | None = None,
         *,
@@ -103,20 +104,21 @@ class Calibrator:
         device: str | torch.device | None = None,
     ) -> None:
         self.config = config or CalibConfig()
-        self.device = torch.device(device) if device is not None else centers.device
+        c, labels, _ = split(centers, backbone.embed_dim)  # validates: (K, D) of the backbone
+        self.device = torch.device(device) if device is not None else c.device
         for m in modalities:
             backbone.spec(m)  # unknown modality -> clear error now, not mid-epoch
-        if centers.dim() != 2 or centers.shape[1] != backbone.embed_dim:
-            raise ValueError(
-                f"centers must be (K, {backbone.embed_dim}), got {tuple(centers.shape)}"
-            )
         if self.config.cuda_graph and self.device.type != "cuda":
             raise ValueError(
                 f"CalibConfig(cuda_graph=True) needs a CUDA device, got {self.device}; "
                 "set cuda_graph=False (the default) to calibrate on this device"
             )
         self.backbone = backbone.to(self.device)
-        self.centers = F.normalize(centers.detach().float(), dim=-1).to(self.device)
+        self.centers: Centers = (
+            c.to(self.device)
+            if labels is None
+            else MultiCenters(c, labels, list(centers.class_names)).to(self.device)
+        )
         self.modalities = tuple(modalities)
         self.heads = CalibrationHeads(
             self.modalities,
@@ -240,10 +242,7 @@ class Calibrator:
         # frozen clean predictions, for the paired cross-modal consistency term
         with torch.no_grad():
             probs = {
-                m: F.softmax(
-                    ops.head_logits(e, None, None, self.centers, cfg.objective.tau, residual=False),
-                    -1,
-                )
+                m: F.softmax(zero_shot_logits(e, self.centers, cfg.objective.tau), -1)
                 for m, e in e_clean.items()
             }
         labels = dataset.labels.to(self.device)
@@ -338,13 +337,13 @@ class Calibrator:
 class _HeadsLoss(nn.Module):
     """The heads and the objective as one module, so DDP can wrap the whole loss."""
 
-    def __init__(self, heads: CalibrationHeads, objective: Objective, centers: torch.Tensor):
+    def __init__(self, heads: CalibrationHeads, objective: Objective, centers: Centers):
         super().__init__()
         self.heads, self.objective = heads, objective
-        self.register_buffer("centers", centers, persistent=False)
+        self.centers = centers  # fixed, the same on every rank: not a buffer DDP would sync
 
     def forward(self, e_adv, e_clean, cross, y):
-        total = torch.zeros((), device=self.centers.device)
+        total = torch.zeros((), device=y.device)
         parts: dict[str, torch.Tensor] = {}
         for m in self.heads.modalities:
             loss, p = self.objective(

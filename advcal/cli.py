@@ -33,6 +33,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="backbone name (see `advcal info`)")
     p.add_argument("--checkpoint", help="checkpoint file or directory of a real Bind model")
     p.add_argument("--data", help="'digits' (embedded) or a dataset file (advcal.data.save)")
+    p.add_argument(
+        "--centers",
+        help="multi-center file (from `advcal convert-centers`); default: class-prompt centers",
+    )
     p.add_argument("--modalities", help="comma-separated subset of modalities")
     p.add_argument("--epochs", type=int, help="calibration epochs")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -52,7 +56,7 @@ def _config_from_args(args, base=None):
 
     cfg = RunConfig.from_toml(args.config) if args.config else (base or RunConfig())
     changes = {}
-    for name in ("backbone", "checkpoint", "data", "device"):
+    for name in ("backbone", "checkpoint", "data", "centers", "device"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     if getattr(args, "modalities", None):
@@ -115,7 +119,7 @@ def cmd_evaluate(args) -> int:
     """Evaluate a finished run folder (frozen vs calibrated), or a frozen backbone alone."""
     from advcal import backbones, report
     from advcal.evaluate import evaluate
-    from advcal.pipeline import _datasets, load_run
+    from advcal.pipeline import _datasets, load_run, make_centers
 
     t0 = time.perf_counter()
     if args.run is not None:
@@ -133,7 +137,7 @@ def cmd_evaluate(args) -> int:
         )
         _, test = _datasets(cfg)
         heads = None
-        centers = backbone.centers(test.class_names, test.templates or None).to(cfg.device)
+        centers, _ = make_centers(cfg, backbone, test)
     modalities = cfg.modalities or tuple(m for m in test.modalities if m in backbone.modalities)
     kw = {
         "modalities": modalities,

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from advcal import distributed as dist
 from advcal.attacks import ATTACKS, PGD, ZeroShotClassifier
 from advcal.backbones.base import Backbone
+from advcal.centers import Centers, MultiCenters, split
 from advcal.data import MultiModalDataset
 from advcal.heads import CalibrationHeads
 
@@ -112,7 +113,7 @@ class _Model:
 def evaluate(
     backbone: Backbone,
     dataset: MultiModalDataset,
-    centers: torch.Tensor,
+    centers: Centers,
     heads: CalibrationHeads | None = None,
     *,
     modalities: Sequence[str] | None = None,
@@ -120,7 +121,9 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate the frozen model (``heads=None``) or the calibrated one. Returns a dict:
+    """Evaluate the frozen model (``heads=None``) or the calibrated one against ``centers``
+    (``(K, D)``, or :class:`~advcal.centers.MultiCenters`: a class scores its nearest center;
+    every center is then a text query in retrieval). Returns a dict:
     ``modalities.<m>`` (accuracies as fractions), ``retrieval``, ``sanity``, ``config``."""
     cfg = config or EvalConfig()
     device = torch.device(device) if device is not None else centers.device
@@ -138,9 +141,16 @@ def evaluate(
         missing = [m for m in modalities if m not in heads.modalities]
         if missing:
             raise ValueError(f"heads have no head for {missing}")
-    centers = F.normalize(centers.detach().float().to(device), dim=-1)
-    if centers.shape[1] != backbone.embed_dim:
-        raise ValueError(f"centers must be (K, {backbone.embed_dim}), got {tuple(centers.shape)}")
+    c, center_labels, num_classes = split(centers, backbone.embed_dim)
+    if center_labels is None:
+        centers = c.to(device)
+    else:
+        centers = MultiCenters(c, center_labels, list(centers.class_names)).to(device)
+    if len(dataset.class_names) != num_classes:
+        raise ValueError(
+            f"the centers cover {num_classes} classes but dataset '{dataset.name}' has "
+            f"{len(dataset.class_names)}"
+        )
     y_all = dataset.labels.to(device)
     n = len(dataset)
 
@@ -286,11 +296,14 @@ def _retrieval(embeds, dataset, centers, modalities, device) -> dict:
             out.setdefault(f"{anchor}->{m}", {})[kind] = recall_at_k(
                 embeds["clean"][anchor], embeds[kind][m], ids, ids
             )
-    classes = torch.arange(centers.shape[0], device=device)
+    # every center is a text query; its hits are the items of its class
+    queries, classes, _ = split(centers)
+    if classes is None:
+        classes = torch.arange(queries.shape[0], device=device)
     for m in modalities:
         for kind in ("clean", "adv"):
             out.setdefault(f"text->{m}", {})[kind] = recall_at_k(
-                centers, embeds[kind][m], classes, labels
+                queries, embeds[kind][m], classes, labels
             )
     return out
 

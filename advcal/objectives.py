@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from advcal import ops
+from advcal.centers import Centers, MultiCenters, zero_shot_logits
 from advcal.heads import Head
 
 
-def _check(z: torch.Tensor, centers: torch.Tensor | None = None, labels=None) -> None:
+def _check(z: torch.Tensor, centers: Centers | None = None, labels=None) -> None:
     if z.dim() != 2:
         raise ValueError(f"embeddings must be (B, D), got {tuple(z.shape)}")
-    if centers is not None and (centers.dim() != 2 or centers.shape[1] != z.shape[1]):
+    if centers is not None and tuple(centers.shape)[1:] != (z.shape[1],):
         raise ValueError(
             f"centers must be (K, {z.shape[1]}) to match the embeddings, got {tuple(centers.shape)}"
         )
@@ -35,10 +36,13 @@ def _check(z: torch.Tensor, centers: torch.Tensor | None = None, labels=None) ->
 
 
 def fixed_center_ce(
-    z: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, tau: float = 0.07
+    z: torch.Tensor, centers: Centers, labels: torch.Tensor, tau: float = 0.07
 ) -> torch.Tensor:
-    """Mean CE of ``normalize(z) @ C^T / tau``. ``z`` (B, D), ``C`` (K, D) unit rows."""
+    """Mean CE of ``normalize(z) @ C^T / tau``. ``z`` (B, D), ``C`` (K, D) unit rows (or
+    MultiCenters: the logit of a class is that of its nearest center)."""
     _check(z, centers, labels)
+    if isinstance(centers, MultiCenters):
+        return F.cross_entropy(zero_shot_logits(z, centers, tau), labels)
     return ops.head_ce(z, None, None, centers, labels, tau, residual=False)
 
 
@@ -58,7 +62,7 @@ def infonce(z: torch.Tensor, e_clean: torch.Tensor, tau: float = 0.07) -> torch.
 def modality_consistency(
     z: torch.Tensor,
     reference: torch.Tensor,
-    centers: torch.Tensor,
+    centers: Centers,
     tau: float = 0.07,
     *,
     reference_is_prob: bool = False,
@@ -66,12 +70,11 @@ def modality_consistency(
     """``KL(p_ref || p_adv)``, batch mean. ``reference`` is the frozen clean embedding (B, D),
     or already a distribution over the K centers (``reference_is_prob=True``)."""
     _check(z, centers)
-    log_p_adv = F.log_softmax(ops.head_logits(z, None, None, centers, tau, residual=False), -1)
+    log_p_adv = F.log_softmax(zero_shot_logits(z, centers, tau), -1)
     if reference_is_prob:
         p_ref = reference.detach().float()
     else:
-        logits = ops.head_logits(reference.detach(), None, None, centers, tau, residual=False)
-        p_ref = F.softmax(logits, -1)
+        p_ref = F.softmax(zero_shot_logits(reference.detach(), centers, tau), -1)
     return F.kl_div(log_p_adv, p_ref, reduction="batchmean")
 
 
@@ -100,7 +103,7 @@ class Objective:
         head: Head,
         e_adv: torch.Tensor,
         e_clean: torch.Tensor,
-        centers: torch.Tensor,
+        centers: Centers,
         labels: torch.Tensor,
         *,
         cross_probs: torch.Tensor | None = None,
@@ -116,7 +119,7 @@ class Objective:
         z = head(e_adv)
         parts: dict[str, torch.Tensor] = {}
         if self.ce:
-            fused = head.fused()
+            fused = None if isinstance(centers, MultiCenters) else head.fused()
             if fused is not None:  # one kernel: projection + normalisation + CE
                 w, b, residual = fused
                 parts["ce"] = ops.head_ce(e_adv, w, b, centers, labels, self.tau, residual=residual)

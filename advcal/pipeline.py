@@ -25,6 +25,7 @@ from advcal import backbones, report
 from advcal import distributed as dist
 from advcal.attacks import ZeroShotClassifier
 from advcal.calibrate import CalibConfig, Calibrator
+from advcal.centers import Centers, for_classes, load_centers, split
 from advcal.data import MultiModalDataset, load_dataset
 from advcal.evaluate import EvalConfig, evaluate
 from advcal.heads import CalibrationHeads
@@ -33,12 +34,18 @@ from advcal.objectives import Objective
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What a run depends on. ``data`` is ``"digits"`` or a dataset file (``advcal.data.save``)."""
+    """What a run depends on. ``data`` is ``"digits"`` or a dataset file (``advcal.data.save``).
+
+    ``centers``: the fixed semantic centers. ``None`` (default): the backbone's text embeddings
+    of the dataset's class prompts (template ensemble). A path: a multi-center file (UniBind's
+    LLM-description centers, converted by ``advcal convert-centers``); a class then scores its
+    nearest center."""
 
     backbone: str = "minibind"
     checkpoint: str | None = None
     backbone_kwargs: dict = field(default_factory=dict)
     data: str = "digits"
+    centers: str | None = None  # a multi-center file (advcal convert-centers); None: prompts
     modalities: tuple[str, ...] | None = None
     train_limit: int | None = None
     test_limit: int | None = None
@@ -103,6 +110,22 @@ def _datasets(cfg: RunConfig) -> tuple[MultiModalDataset, MultiModalDataset]:
     return train, test
 
 
+def make_centers(
+    cfg: RunConfig, backbone: backbones.Backbone, dataset: MultiModalDataset
+) -> tuple[Centers, str]:
+    """The run's fixed centers on ``cfg.device``, and a line saying what they are."""
+    if cfg.centers is None:
+        c = backbone.centers(dataset.class_names, dataset.templates or None).to(cfg.device)
+        templates = list(dataset.templates) or "default"
+        return c, f"{c.shape[0]} text centers (templates: {templates})"
+    mc = for_classes(load_centers(cfg.centers), dataset.class_names).to(cfg.device)
+    split(mc, backbone.embed_dim)  # width check, with a clear error
+    return mc, (
+        f"{mc.centers.shape[0]} centers for {len(mc.class_names)} classes from {cfg.centers} "
+        "(a class scores its nearest center)"
+    )
+
+
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -149,7 +172,7 @@ def run(
             f"dataset '{test.name}' shares no modality with backbone "
             f"'{backbone.name}' ({list(backbone.modalities)})"
         )
-    centers = backbone.centers(test.class_names, test.templates or None).to(cfg.device)
+    centers, centers_note = make_centers(cfg, backbone, test)
 
     before_path = out / "eval_before.json"
     if resume and before_path.is_file():
@@ -202,8 +225,7 @@ def run(
         config={
             **cfg.as_dict(),
             "modalities": list(modalities),
-            "centers": f"{centers.shape[0]} text centers (templates: "
-            f"{list(test.templates) or 'default'})",
+            "centers_used": centers_note,
         },
         timings=timings,
         dataset=test.name,
@@ -224,7 +246,7 @@ class Run:
     config: RunConfig
     backbone: backbones.Backbone
     heads: CalibrationHeads
-    centers: torch.Tensor
+    centers: Centers
 
     def classifier(self, modality: str, calibrated: bool = True) -> ZeroShotClassifier:
         """``nn.Module``: inputs of ``modality`` in their valid range -> logits over classes."""
@@ -254,5 +276,5 @@ def load_run(path: str | Path, device: str | torch.device | None = None) -> Run:
     )
     heads = CalibrationHeads.load(path / "heads.safetensors", map_location=cfg.device)
     test = load_dataset(cfg.data, split="test")
-    centers = backbone.centers(test.class_names, test.templates or None).to(cfg.device)
+    centers, _ = make_centers(cfg, backbone, test)
     return Run(path, cfg, backbone, heads, centers)

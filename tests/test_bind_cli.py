@@ -36,6 +36,7 @@ from advcal.backbones import languagebind as lb
 from advcal.backbones import unibind as ub
 from advcal.cli import main
 from advcal.data import MultiModalDataset, save
+from advcal.pipeline import load_run
 
 # CPU runs use the reference PGD update (no CUDA kernels in this build): expected here
 pytestmark = pytest.mark.filterwarnings("ignore:advcal.ops.pgd_step_:RuntimeWarning")
@@ -359,3 +360,26 @@ def test_convert_centers_with_trust_pickle_writes_loadable_safetensors(
     # a missing source is a clean error too
     assert main(["convert-centers", str(tmp_path / "absent.pkl"), str(dst), "--trust-pickle"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_calibrate_unibind_with_its_multi_centers(tmp_path: Path, capsys) -> None:
+    """UniBind's workflow: convert its centre pickle once, then calibrate + evaluate with the
+    multi-center file (a class scores its nearest centre) through the real loader."""
+    ckpt, kwargs = unibind_checkpoint(tmp_path)
+    mods = ("image", "point")
+    data, toml = prepare(tmp_path, "unibind", ckpt, kwargs, mods)
+    src, _ = _centre_pickle(tmp_path)
+    centres = tmp_path / "centres.safetensors"
+    assert main(["convert-centers", str(src), str(centres), "--trust-pickle"]) == 0
+    out = tmp_path / "run"
+    argv = ["calibrate", "--config", str(toml), "--backbone", "unibind", "--checkpoint", str(ckpt)]
+    argv += ["--data", str(data), "--centers", str(centres), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rep = read_report(out)
+    check_report(rep, "unibind", mods, calibrated=True)
+    assert rep["config"]["centers"] == str(centres)
+    assert "15 centers for 3 classes" in rep["config"]["centers_used"]
+    # the rebuilt run scores with the same multi-centers
+    run = load_run(out)
+    clf = run.classifier("image")
+    assert clf.multi_center and clf.centers.shape[0] == 15 and clf.num_classes == 3

@@ -35,12 +35,11 @@ I2P-MAE numbers).
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +52,12 @@ from advcal.backbones.pointbert import (
     PointBind,
     PointTransformer,
 )
+from advcal.centers import MultiCenters, class_logits, load_centers, save_centers
 from advcal.specs import InputSpec
 
 log = logging.getLogger(__name__)
 
 UNIBIND_MODALITIES = ("image", "video", "audio", "thermal", "event", "point")
-CENTERS_FORMAT = "advcal.unibind.centers/1"
 I2PMAE_NOTE = (
     "UniBind's released point encoder is Point-Bind's I2P-MAE variant, which advcal does not "
     "implement: its point path (point_encoder.h_encoder.*, pc_projection, logit_scale, "
@@ -287,12 +286,6 @@ def events_to_frame(
 
 
 # -- multi-center embeddings ----------------------------------------------------------------------
-class MultiCenters(NamedTuple):
-    centers: torch.Tensor  # (M, D) float32, unit-norm rows
-    labels: torch.Tensor  # (M,) int64 class index of each centre
-    class_names: list[str]  # (K,)
-
-
 def multi_center_logits(
     z: torch.Tensor,
     centers_mc: torch.Tensor,
@@ -322,9 +315,7 @@ def multi_center_logits(
         )
     k = int(center_labels.max()) + 1 if num_classes is None else int(num_classes)
     cos = F.normalize(z.float(), dim=-1) @ F.normalize(centers_mc.float(), dim=-1).t()  # (B, M)
-    idx = center_labels.to(cos.device, torch.int64).expand(cos.shape[0], -1)
-    out = torch.full((cos.shape[0], k), float("-inf"), device=cos.device, dtype=cos.dtype)
-    return out.scatter_reduce(1, idx, cos, reduce="amax", include_self=True)
+    return class_logits(cos, center_labels.to(cos.device, torch.int64), k)
 
 
 def _as_matrix(v: Any, label: str) -> torch.Tensor:
@@ -425,36 +416,7 @@ def convert_centers(src: str | Path, dst: str | Path, *, trust_pickle: bool) -> 
         labels.append(torch.full((m.shape[0],), i, dtype=torch.int64))
     if len(set(names)) != len(names):
         raise ValueError(f"{src}: labels collide once written as strings: {names}")
-    from safetensors.torch import save_file
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {
-            "centers": F.normalize(torch.cat(blocks), dim=-1).contiguous(),
-            "labels": torch.cat(labels).contiguous(),
-        },
-        str(dst),
-        metadata={"format": CENTERS_FORMAT, "class_names": json.dumps(names), "source": src.name},
-    )
-    return dst
-
-
-def load_centers(path: str | Path) -> MultiCenters:
-    """Centres written by :func:`convert_centers` (safetensors only; never a pickle)."""
-    path = Path(path)
-    if path.suffix in (".pkl", ".pickle", ".pk"):
-        raise ValueError(
-            f"{path} is a pickle; convert it once with `advcal convert-centers SRC DST "
-            "--trust-pickle` and load the .safetensors it writes"
-        )
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != CENTERS_FORMAT:
-            raise ValueError(f"{path} is not an advcal centres file (format {meta.get('format')})")
-        centers, labels = f.get_tensor("centers"), f.get_tensor("labels")
-    return MultiCenters(centers, labels, list(json.loads(meta["class_names"])))
+    return save_centers(dst, torch.cat(blocks), torch.cat(labels), names, source=src.name)
 
 
 # -- checkpoints --------------------------------------------------------------------------------
