@@ -14,6 +14,7 @@ the same heads as an uninterrupted run (all randomness is seeded per epoch and b
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
 from advcal.profiling import nvtx_range
 
+log = logging.getLogger("advcal.calibrate")
+
 CHECKPOINT = "checkpoint.pt"
 LOG_EVERY = 10  # progress-bar loss refresh, in steps (each refresh is one host sync)
 
@@ -50,6 +53,9 @@ class CalibConfig:
     weight_decay: float = 1e-4
     head_kind: str = "mlp"
     head_hidden: int | None = None
+    # "identity": every head starts as the identity map (the frozen model); "backbone": linear
+    # heads start from the model's released per-modality heads where it has them (UniBind)
+    head_init: str = "identity"
     objective: Objective = field(default_factory=Objective)
     attack_steps: int = 10
     alpha_ratio: float = 0.25
@@ -66,6 +72,15 @@ class CalibConfig:
             raise ValueError("CalibConfig needs lr > 0, weight_decay >= 0, eps_scale >= 0")
         if isinstance(self.objective, dict):
             object.__setattr__(self, "objective", Objective(**self.objective))
+        if self.head_init not in ("identity", "backbone"):
+            raise ValueError(
+                f"CalibConfig.head_init must be 'identity' or 'backbone', got {self.head_init!r}"
+            )
+        if self.head_init == "backbone" and self.head_kind != "linear":
+            raise ValueError(
+                "CalibConfig(head_init='backbone') starts from the model's released linear "
+                f"heads: it needs head_kind='linear', got {self.head_kind!r}"
+            )
         if self.alpha_ratio <= 0 or self.alpha_ratio > 1:
             raise ValueError(f"CalibConfig.alpha_ratio must be in (0, 1], got {self.alpha_ratio}")
 
@@ -126,6 +141,20 @@ class Calibrator:
             kind=self.config.head_kind,
             hidden=self.config.head_hidden,
         ).to(self.device)
+        self.initialised_from: list[str] = []
+        if self.config.head_init == "backbone":
+            for m in self.modalities:
+                init = backbone.head_init(m)
+                if init is not None:
+                    self.heads.load_linear(m, *(t.to(self.device) for t in init))
+                    self.initialised_from.append(m)
+            if not self.initialised_from:
+                log.warning(
+                    "head_init='backbone': backbone '%s' has no released head for %s; "
+                    "every head starts at the identity",
+                    backbone.name,
+                    list(self.modalities),
+                )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}

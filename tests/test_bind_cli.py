@@ -383,3 +383,27 @@ def test_calibrate_unibind_with_its_multi_centers(tmp_path: Path, capsys) -> Non
     run = load_run(out)
     clf = run.classifier("image")
     assert clf.multi_center and clf.centers.shape[0] == 15 and clf.num_classes == 3
+
+
+def test_linear_heads_start_from_unibinds_released_heads(tmp_path: Path) -> None:
+    """head_init='backbone': a linear calibration head initialised from UniBind's released
+    mlp_for_<m> reproduces UniBind's own head (encode_vision_with_mlp) before any training."""
+    from advcal.attacks import ZeroShotClassifier
+    from advcal.calibrate import CalibConfig, Calibrator
+
+    ckpt, kwargs = unibind_checkpoint(tmp_path)
+    plain = backbones.load("unibind", checkpoint=ckpt, **kwargs)
+    with_heads = backbones.load("unibind", checkpoint=ckpt, apply_heads=True, **kwargs)
+    centers = plain.centers(list(CLASSES))
+    cfg = CalibConfig(head_kind="linear", head_init="backbone")
+    cal = Calibrator(plain, centers, ["image"], cfg)
+    assert cal.initialised_from == ["image"]
+    x = torch.rand(3, *plain.spec("image").shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = ZeroShotClassifier(plain, "image", centers, cal.heads["image"])(x)
+        theirs = ZeroShotClassifier(with_heads, "image", centers)(x)
+        identity = ZeroShotClassifier(plain, "image", centers)(x)
+    torch.testing.assert_close(ours, theirs, **FP32)
+    assert (ours - identity).abs().max() > 1e-3, "the released head changes the logits"
+    with pytest.raises(ValueError, match="needs head_kind='linear'"):
+        CalibConfig(head_init="backbone")

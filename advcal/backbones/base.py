@@ -76,6 +76,13 @@ class Backbone(nn.Module):
     def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def head_init(self, modality: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A released linear head ``(W (D, D), b (D,))`` for ``modality`` acting on
+        :meth:`encode`'s output (``z = e W^T + b``), for a ``linear`` calibration head to start
+        from (``CalibConfig(head_kind="linear", head_init="backbone")``); None when the model
+        ships none (the head then starts at the identity)."""
+        return None
+
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Embed text prompts, ``(N, embed_dim)``."""
         raise NotImplementedError(

@@ -223,6 +223,19 @@ class UniBindBackbone(Backbone):
     def has_head(self, modality: str) -> bool:
         return modality in self.model.head_modalities
 
+    def head_init(self, modality: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The released ``mlp_for_<modality>`` rewritten for :meth:`encode`'s unit-norm output:
+        UniBind applies it to ImageBind's postprocessed embedding ``s * e`` (``s`` = the
+        postprocessing scale: 1 vision, 20 audio, 10 thermal; an average over clips has a norm
+        slightly below ``s``), so ``W' = s W``. None without a released head, or when
+        ``apply_heads=True`` (the backbone applies it already)."""
+        if self.apply_heads or not self.has_head(modality):
+            return None
+        w, b = self.head_weights(modality)
+        official = ib.VISION if modality in ("image", "video", "event") else modality
+        scale = ib.POSTPROCESS_SCALE.get(official) or 1.0
+        return w * scale, b
+
     def multi_centers(self, path: str | Path | None = None) -> MultiCenters:
         """UniBind's multi-centre embeddings from a converted ``.safetensors`` file.
 
