@@ -7,6 +7,11 @@ FLOPs counted (clean side frozen, the calibration setting: gradient for z_adv on
   fwd+bwd = 4 B^2 D
 Normalisation (O(B D)) is not counted.
 
+Arms as in bench_head_ce: ``eager_fp32``; on the same bf16 tensors the reference under bf16
+autocast (eager, torch.compile default / reduce-overhead) and ``advcal_bf16``. Acceptance at
+B=16384: ``peak_mem_mb`` of advcal <= 10% of ``eager_bf16_autocast``'s, and
+``x_eager_bf16_autocast`` >= 1.
+
     python benchmarks/bench_infonce.py [--quick] [--json out.json]
 """
 
@@ -21,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import advcal.ops as ops
 from advcal.ops import _dispatch
-from benchmarks.bench_head_ce import PHASES, make_phase
+from benchmarks.bench_head_ce import BASELINES, PHASES, make_phase
 from benchmarks.harness import Case, Table, matmul_rate, parser, run_sweep
 
 TAU = 0.1
@@ -46,16 +51,22 @@ def inputs(case: Case, device: torch.device, dtype: torch.dtype):
     return adv, clean.to(device, dtype)
 
 
+def reference(autocast: bool) -> Callable[..., torch.Tensor]:
+    """The eager reference, optionally under bf16 autocast (the same function is compiled)."""
+
+    def loss(a, c):
+        with torch.autocast(a.device.type, torch.bfloat16, enabled=autocast):
+            return ops.infonce_ref(a, c, TAU)
+
+    return loss
+
+
 def arms(device: torch.device, phase: str) -> dict[str, Callable[[Case], Callable[[], object]]]:
     def eager(dtype, autocast=False):
         def make(case):
             a, c = inputs(case, device, dtype)
-
-            def loss():
-                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    return ops.infonce_ref(a, c, TAU)
-
-            return make_phase(loss, [a], phase)
+            f = reference(autocast)
+            return make_phase(lambda: f(a, c), [a], phase)
 
         return make
 
@@ -64,8 +75,8 @@ def arms(device: torch.device, phase: str) -> dict[str, Callable[[Case], Callabl
             if device.type != "cuda":
                 raise NotImplementedError("torch.compile arms run on GPU only")
             a, c = inputs(case, device, torch.bfloat16)
-            f = torch.compile(ops.infonce_ref, mode=mode)
-            return make_phase(lambda: f(a, c, TAU), [a], phase)
+            f = torch.compile(reference(autocast=True), mode=mode)
+            return make_phase(lambda: f(a, c), [a], phase)
 
         return make
 
@@ -76,9 +87,9 @@ def arms(device: torch.device, phase: str) -> dict[str, Callable[[Case], Callabl
     backend = _dispatch.select("infonce", *inputs(cases(True)[0], device, torch.bfloat16), TAU)
     return {
         "eager_fp32": eager(torch.float32),
-        "eager_bf16_autocast": eager(torch.float32, autocast=True),
-        "compile_default_bf16": compiled("default"),
-        "compile_reduce_overhead_bf16": compiled("reduce-overhead"),
+        "eager_bf16_autocast": eager(torch.bfloat16, autocast=True),
+        "compile_default_bf16_autocast": compiled("default"),
+        "compile_reduce_overhead_bf16_autocast": compiled("reduce-overhead"),
         f"advcal_bf16[{backend.name}]": advcal,
     }
 
@@ -86,7 +97,8 @@ def arms(device: torch.device, phase: str) -> dict[str, Callable[[Case], Callabl
 def main(argv: list[str] | None = None) -> Table:
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     device = torch.device(args.device)
-    table = Table("infonce", device, {"matmul_tflops": matmul_rate(device)})
+    limits = {"matmul_tflops": matmul_rate(device)}
+    table = Table("infonce", device, limits, baselines=BASELINES)
     for phase in PHASES:
         run_sweep(
             table,

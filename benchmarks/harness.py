@@ -6,6 +6,13 @@ GPU timing uses CUDA events through ``triton.testing.do_bench`` (median, p20, p8
 host clock is the only clock there is, and the table says so. Throughput is reported against
 limits measured in the same run (:func:`matmul_rate`, :func:`copy_bandwidth`), so a ratio is
 always side by side, never against a datasheet.
+
+Ratio columns (per case and phase; ``baseline median / arm median``, > 1 is faster):
+``speedup`` against the first arm of the case (the eager reference), one ``x_<arm>`` column per
+arm named in ``Table(baselines=...)`` (e.g. ``x_compile_default_bf16_autocast``, so "1.3x
+torch.compile" reads off directly), and ``x_best_other``: against the fastest arm whose name
+does not start with the table's ``subject`` (``advcal``). An arm that fails is recorded with
+its error (``Result.error``), shown in the table and the JSON, and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -47,19 +54,28 @@ class Result:
     params: dict
     arm: str
     phase: str  # "fwd", "bwd", "fwd+bwd", "step", ...
-    timing: Timing
+    timing: Timing | None  # None when the arm was skipped or failed (see error)
     flops: float | None = None  # FLOPs per call, written out by the bench
     bytes: float | None = None  # bytes moved per call
     peak_mem_mb: float | None = None
     extra: dict = field(default_factory=dict)
+    error: str | None = None  # "skipped: <why>" or "<ExceptionType>: <message>"
+
+    @property
+    def ok(self) -> bool:
+        return self.timing is not None and self.error is None
 
     @property
     def tflops(self) -> float | None:
-        return None if self.flops is None else self.flops / (self.timing.median_ms * 1e-3) / 1e12
+        if self.flops is None or not self.ok:
+            return None
+        return self.flops / (self.timing.median_ms * 1e-3) / 1e12
 
     @property
     def gbps(self) -> float | None:
-        return None if self.bytes is None else self.bytes / (self.timing.median_ms * 1e-3) / 1e9
+        if self.bytes is None or not self.ok:
+            return None
+        return self.bytes / (self.timing.median_ms * 1e-3) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -166,38 +182,75 @@ def environment(device: torch.device | str) -> dict:
 
 
 class Table:
-    """Collects results of one benchmark run; prints a table with a speedup column and writes
-    JSON. The speedup of an arm is ``baseline median / arm median`` for the same case and
-    phase, the baseline being the first arm recorded for that case (the eager reference)."""
+    """Collects results of one benchmark run; prints a table with ratio columns and writes
+    JSON. Ratios are ``baseline median / arm median`` for the same case and phase:
+    ``speedup`` against the first arm recorded for the case (the eager reference), ``x_<arm>``
+    against each arm in ``baselines``, ``x_best_other`` against the fastest arm not named
+    ``<subject>...`` (None where the baseline did not run)."""
 
-    def __init__(self, bench: str, device: torch.device | str, limits: dict | None = None):
+    def __init__(
+        self,
+        bench: str,
+        device: torch.device | str,
+        limits: dict | None = None,
+        *,
+        baselines: Sequence[str] = (),
+        subject: str = "advcal",
+    ):
         self.bench = bench
         self.device = torch.device(device)
         self.limits = dict(limits or {})
+        self.baselines = tuple(baselines)
+        self.subject = subject
         self.results: list[Result] = []
 
     def add(self, result: Result) -> Result:
         self.results.append(result)
         return result
 
-    def speedup(self, r: Result) -> float:
-        base = next(x for x in self.results if x.case == r.case and x.phase == r.phase)
+    def _peers(self, r: Result) -> list[Result]:
+        return [x for x in self.results if x.case == r.case and x.phase == r.phase]
+
+    @staticmethod
+    def _ratio(base: Result | None, r: Result) -> float | None:
+        if base is None or not base.ok or not r.ok:
+            return None
         return base.timing.median_ms / r.timing.median_ms
+
+    def speedup(self, r: Result) -> float | None:
+        """Against the first arm recorded for this case and phase (the eager reference)."""
+        return self._ratio(self._peers(r)[0], r)
+
+    def speedup_vs(self, r: Result, arm: str) -> float | None:
+        return self._ratio(next((x for x in self._peers(r) if x.arm == arm), None), r)
+
+    def speedup_vs_best_other(self, r: Result) -> float | None:
+        others = [x for x in self._peers(r) if x.ok and not x.arm.startswith(self.subject)]
+        best = min(others, key=lambda x: x.timing.median_ms, default=None)
+        return self._ratio(best, r)
+
+    def ratios(self, r: Result) -> dict[str, float | None]:
+        out = {"speedup": self.speedup(r)}
+        out.update({f"x_{arm}": self.speedup_vs(r, arm) for arm in self.baselines})
+        out["x_best_other"] = self.speedup_vs_best_other(r)
+        return out
 
     def rows(self) -> list[dict]:
         rows = []
         for r in self.results:
+            t = r.timing
             row = {
                 "case": r.case,
                 "arm": r.arm,
                 "phase": r.phase,
-                "median_ms": r.timing.median_ms,
-                "p20_ms": r.timing.p20_ms,
-                "p80_ms": r.timing.p80_ms,
-                "speedup": self.speedup(r),
+                "median_ms": t.median_ms if t else None,
+                "p20_ms": t.p20_ms if t else None,
+                "p80_ms": t.p80_ms if t else None,
+                **self.ratios(r),
                 "tflops": r.tflops,
                 "gbps": r.gbps,
                 "peak_mem_mb": r.peak_mem_mb,
+                "error": r.error,
             }
             if r.tflops is not None and "matmul_tflops" in self.limits:
                 row["frac_matmul"] = r.tflops / self.limits["matmul_tflops"]
@@ -208,30 +261,38 @@ class Table:
 
     def print(self) -> None:
         rows = self.rows()
-        cols = ["case", "arm", "phase", "median_ms", "p20_ms", "p80_ms", "speedup"]
-        for opt in ("tflops", "frac_matmul", "gbps", "frac_copy", "peak_mem_mb"):
+        ratio_cols = list(self.ratios(self.results[0])) if self.results else ["speedup"]
+        cols = ["case", "arm", "phase", "median_ms", "p20_ms", "p80_ms", *ratio_cols]
+        for opt in ("tflops", "frac_matmul", "gbps", "frac_copy", "peak_mem_mb", "error"):
             if any(r.get(opt) is not None for r in rows):
                 cols.append(opt)
         fmt = {c: (lambda v: "-" if v is None else f"{v:.4g}") for c in cols}
-        fmt.update({c: str for c in ("case", "arm", "phase")})
+        fmt.update({c: (lambda v: "" if v is None else str(v)) for c in ("case", "arm", "phase")})
+        fmt["error"] = lambda v: "" if v is None else str(v)[:120]
         cells = [[fmt[c](r.get(c)) for c in cols] for r in rows]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-        clock = self.results[0].timing.clock if self.results else "?"
+        clock = next((r.timing.clock for r in self.results if r.timing), "?")
         print(
             f"\n{self.bench} on {environment(self.device)['device_name']} "
             f"(clock: {clock}; limits: {self.limits})"
         )
         print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
         for row in cells:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        first = self.results[0].arm if self.results else "?"
+        legend = [f"speedup = vs {first} (the case's first arm)"]
+        legend += [f"x_{a} = vs {a}" for a in self.baselines]
+        legend.append(f"x_best_other = vs the fastest arm not named {self.subject}*")
+        print("ratios are baseline median / arm median: " + "; ".join(legend))
 
     def write_json(self, path: str | Path) -> None:
         payload = {
             "bench": self.bench,
             "environment": environment(self.device),
             "limits": self.limits,
+            "baselines": list(self.baselines),
             "results": [
-                {**asdict(r), "tflops": r.tflops, "gbps": r.gbps, "speedup": self.speedup(r)}
+                {**asdict(r), "tflops": r.tflops, "gbps": r.gbps, **self.ratios(r)}
                 for r in self.results
             ],
         }
@@ -258,25 +319,32 @@ def run_sweep(
     nbytes: Callable[[Case], float] | None = None,
 ) -> None:
     """Time every arm on every case; an arm factory returns a zero-argument callable (or
-    raises ``NotImplementedError(reason)`` to skip, which is printed)."""
+    raises ``NotImplementedError(reason)`` to skip). A skipped or failing arm (any exception
+    while building, timing or measuring memory: an OOM, a compile error, a kernel that does
+    not launch) is recorded with its error string and printed; the sweep goes on."""
     for case in cases:
         for arm, make in arms.items():
+            common = {
+                "flops": flops(case) if flops else None,
+                "bytes": nbytes(case) if nbytes else None,
+            }
             try:
                 fn = make(case)
+                timing = measure(fn, table.device)
+                peak = peak_memory_mb(fn, table.device)
             except NotImplementedError as why:
                 print(f"  skip {case.name}/{arm}: {why}")
+                table.add(Result(table.bench, case.name, case.params, arm, phase, None,
+                                 error=f"skipped: {why}", **common))  # fmt: skip
                 continue
-            timing = measure(fn, table.device)
-            table.add(
-                Result(
-                    table.bench,
-                    case.name,
-                    case.params,
-                    arm,
-                    phase,
-                    timing,
-                    flops=flops(case) if flops else None,
-                    bytes=nbytes(case) if nbytes else None,
-                    peak_mem_mb=peak_memory_mb(fn, table.device),
-                )
-            )
+            except Exception as exc:  # recorded, and the sweep goes on
+                err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                print(f"  FAILED {case.name}/{arm}/{phase}: {err}")
+                table.add(Result(table.bench, case.name, case.params, arm, phase, None,
+                                 error=err, **common))  # fmt: skip
+                if table.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            result = Result(table.bench, case.name, case.params, arm, phase, timing,
+                            peak_mem_mb=peak, **common)  # fmt: skip
+            table.add(result)

@@ -1,7 +1,10 @@
 """pytest-benchmark suite for the fused ops: eager reference vs advcal, fwd+bwd.
 
 GPU: the timed function synchronises the device, so the wall clock covers the kernels.
-CPU: tiny shapes (``pytest benchmarks/test_bench_ops.py --benchmark-disable`` is a smoke test).
+CPU: tiny shapes, plus the harness (failing arms recorded, ratio columns) and both bench
+scripts' ``--quick --json`` runs; the CI smoke command (~10 s)::
+
+    python -m pytest benchmarks/test_bench_ops.py --benchmark-disable -q
 """
 
 from __future__ import annotations
@@ -43,3 +46,70 @@ def test_infonce_fwd_bwd(benchmark, arm):
     arms = bench_infonce.arms(DEVICE, "fwd+bwd")
     make = next(v for k, v in arms.items() if k.startswith(arm))
     benchmark(_synced(make(NCE_CASE)))
+
+
+# ------------------------------------------------------------------ harness and bench scripts
+
+
+def test_failing_arm_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    import json
+
+    from benchmarks.harness import Table, run_sweep
+
+    def ok(case):
+        return lambda: torch.ones(64).sum()
+
+    def broken(case):
+        def run():
+            raise RuntimeError("out of memory (simulated)")
+
+        return run
+
+    def skipped(case):
+        raise NotImplementedError("GPU only")
+
+    table = Table("harness_smoke", "cpu", baselines=("eager",))
+    cases = [Case("a", {"n": 1}), Case("b", {"n": 2})]
+    arms = {"eager": ok, "compile": broken, "skip": skipped, "advcal": ok}
+    run_sweep(table, cases, arms, phase="fwd")
+    assert [(r.case, r.arm) for r in table.results] == [(c.name, a) for c in cases for a in arms]
+    by = {(r.case, r.arm): r for r in table.results}
+    assert by["a", "compile"].error == "RuntimeError: out of memory (simulated)"
+    assert by["b", "skip"].error == "skipped: GPU only" and by["b", "skip"].timing is None
+    advcal = table.ratios(by["b", "advcal"])
+    assert advcal["speedup"] > 0 and advcal["x_eager"] == advcal["speedup"]
+    assert advcal["x_best_other"] is not None  # vs eager: the only non-advcal arm that ran
+    assert table.ratios(by["a", "compile"])["speedup"] is None
+    table.print()
+    out = capsys.readouterr().out
+    assert "x_eager" in out and "x_best_other" in out and "out of memory (simulated)" in out
+    table.write_json(tmp_path / "r.json")
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert rows[1]["error"].startswith("RuntimeError") and rows[1]["x_eager"] is None
+
+
+@pytest.mark.parametrize("bench", [bench_head_ce, bench_infonce])
+def test_bench_script_quick_writes_json(bench, tmp_path):
+    """`python benchmarks/bench_*.py --quick --json ...` on this device: every arm of every
+    case and phase is in the JSON (the compile arms recorded as skipped on CPU), advcal's
+    rows carry the acceptance ratio columns."""
+    import json
+
+    if DEVICE.type == "cuda":
+        pytest.skip("the full sweep is the GPU run; this is the CPU smoke test")
+    bench.main(["--quick", "--device", "cpu", "--json", str(tmp_path / "out.json")])
+    payload = json.loads((tmp_path / "out.json").read_text())
+    rows = payload["results"]
+    arms = {r["arm"] for r in rows}
+    assert {"eager_fp32", *bench_head_ce.BASELINES} <= arms
+    assert {r["phase"] for r in rows} == set(bench_head_ce.PHASES)
+    for r in rows:
+        if r["arm"].startswith("compile"):
+            assert r["error"].startswith("skipped"), r
+        else:
+            assert r["error"] is None and r["timing"]["median_ms"] > 0, r
+    adv = [r for r in rows if r["arm"].startswith("advcal")]
+    assert adv and all(r["x_eager_bf16_autocast"] > 0 for r in adv)
+    assert payload["environment"]["git_sha"] and payload["baselines"] == list(
+        bench_head_ce.BASELINES
+    )

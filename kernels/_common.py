@@ -15,6 +15,7 @@ Two facts shape every kernel here:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -24,7 +25,45 @@ import triton.language as tl
 MAX_D_PAD = 1024
 NORM_EPS = 1e-12
 
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# float16 is refused (see check_dtype): the low-precision operands of the backward dots (dS,
+# dlogits) are O(1/B) and fall below fp16's normal range (6.1e-5) at typical batch sizes.
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
+
+# Shared memory one block may use on sm_90 (H100/H200: 227 KiB with the opt-in). Every config a
+# launcher can pick must fit (tests/test_*: smem_estimate for all widths; AOT compile for sm_90).
+SMEM_LIMIT = 227 * 1024
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes (constexprs), warps and pipeline stages of one launch, with an upper bound
+    on the shared memory Triton allocates for it (:func:`smem_estimate`)."""
+
+    blocks: dict[str, int] = field(hash=False)
+    num_warps: int
+    num_stages: int
+    smem: int
+
+    def kwargs(self) -> dict[str, int]:
+        return {**self.blocks, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+def smem_estimate(
+    dtype: torch.dtype, num_stages: int, *, staged: int = 0, resident: int = 0, scratch: int = 0
+) -> int:
+    """Upper bound on a kernel's shared memory, bytes, from its tile sizes (elements):
+
+    * ``staged`` -- dot operands loaded inside the pipelined loop: Triton's pipeliner keeps
+      ``num_stages`` buffers of them for bf16/fp16 (async copies into tensor-core layouts) and
+      ``num_stages - 1`` for fp32 (checked with Triton 3.9 for sm_90, see the kernels'
+      docstrings for the compiled sizes);
+    * ``resident`` -- loop-invariant dot operands, staged once;
+    * ``scratch`` -- fp32 tiles that go through shared memory for layout conversions;
+    * plus 1 KiB for barriers and alignment.
+    """
+    size = torch.empty(0, dtype=dtype).element_size()
+    buffers = max(num_stages - (1 if dtype == torch.float32 else 0), 1)
+    return buffers * staged * size + resident * size + scratch * 4 + 1024
 
 
 def interpreting() -> bool:
@@ -48,6 +87,18 @@ def full_row_block(dp: int) -> tuple[int, int]:
     if dp >= 256:
         return 32, 8
     return 64, 4
+
+
+def check_dtype(**items: torch.Tensor | torch.dtype | None) -> None:
+    """Launchers take float32 and bfloat16 floating inputs (float16: see TL_DTYPES)."""
+    for name, t in items.items():
+        dtype = t if isinstance(t, torch.dtype) else None if t is None else t.dtype
+        if dtype is not None and dtype.is_floating_point and dtype not in TL_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {dtype}; the Triton kernels take float32 or bfloat16 "
+                "(float16 gradients underflow in their low-precision dots): cast it, or use the "
+                "reference (ADVCAL_BACKEND=ref, the automatic choice for float16)"
+            )
 
 
 def check_device(*tensors: torch.Tensor | None) -> None:

@@ -5,7 +5,7 @@ Shapes: ``e (B, Din)``, ``W (D, Din)``, ``b (D,)``, ``z = [e +] e W^T + b (B, D)
 ``u = z / max(||z||, 1e-12)``, centers ``C (K, D)``, ``s = u C^T / tau (B, K)``.
 ``s`` is never written to global memory on the loss path.
 
-Kernels (fwd+bwd of ``head_ce`` = 2 Triton launches + 3 cuBLAS calls in the op layer):
+Kernels (3 Triton launches: 2 forward, 1 backward; the op layer adds the rest, see below):
 
 1. ``_project_kernel`` -- tiled GEMM ``z = [e +] e W^T + b``, fp32 accumulate, fused residual
    and bias epilogue; grid ``(B/BM, D/BN)``.
@@ -19,9 +19,9 @@ Kernels (fwd+bwd of ``head_ce`` = 2 Triton launches + 3 cuBLAS calls in the op l
    ``cos(z, c_y)`` from a gathered row of C.
    FLOPs ``2 B K D`` (logits) ``+ 2 B K D`` (pc, when gradients are needed); traffic: read
    ``z`` (4 B D), ``C`` (K D s per row block, L2-resident: 2 MB at K=1000, D=1024, bf16),
-   ``C[y]`` (B D s); write loss (4 B) and ``pc`` (4 B D). No ``B x K`` buffer. For bf16/fp16
-   the logits dot runs twice (``u = u_hi + u_lo``), so logits keep fp32-grade accuracy:
-   ``+2 B K D`` FLOPs.
+   ``C[y]`` (B D s, read again after the K loop instead of held in registers); write loss (4 B)
+   and ``pc`` (4 B D). No ``B x K`` buffer. For bf16 the logits dot runs twice
+   (``u = u_hi + u_lo``), so logits keep fp32-grade accuracy: ``+2 B K D`` FLOPs.
    Modes: CE (loss rows), LOGITS (writes ``s`` for the evaluator), COS (``cos(z, c_y)``).
 3. ``_head_bwd_kernel`` -- per row block: ``du`` (CE: ``g/tau pc``; LOGITS:
    ``dlogits C / tau``, a tile loop over K; COS: ``g c_y``), then the normalisation backward
@@ -31,9 +31,14 @@ Kernels (fwd+bwd of ``head_ce`` = 2 Triton launches + 3 cuBLAS calls in the op l
    Traffic: read ``z``, ``pc`` (4 B D each); write ``dz`` (B D s).
 
 Total fwd+bwd FLOPs (residual head): ``6 B D^2 + 4 B K D`` -- the same as eager PyTorch (whose
-backward does ``dlogits @ C``), in 5 launches instead of ~25 (``+2 B K D`` for the hi/lo split
-of the logits dot at bf16/fp16). Accumulation (norms, LSE, pc,
-dlogits, weight gradients) is fp32 for every input dtype.
+backward does ``dlogits @ C``; ``+2 B K D`` for the hi/lo split of the logits dot at bf16).
+Launches of ``head_ce(reduction="mean")`` fwd+bwd with gradients for e, W and b: 8 instead of
+eager's ~25 -- forward ``_project_kernel``, ``_head_rows_kernel``, ``rows.mean()``; backward the
+mean's ``g / B``, ``_head_bwd_kernel``, cuBLAS ``de = dz + dz W`` and ``dW = dz^T e``, and
+``db = dz.sum(0)``. The mean and ``db`` are cross-row reductions: folding them into the row
+kernels needs float atomics (run-to-run nondeterministic sums) or another launch anyway, so
+they stay separate. Accumulation (norms, LSE, pc, dlogits, weight gradients) is fp32 for every
+input dtype; float16 is refused (``_common.TL_DTYPES``).
 """
 
 from __future__ import annotations
@@ -42,13 +47,17 @@ import torch
 import triton
 import triton.language as tl
 from advcal.kernels._common import (
+    MAX_D_PAD,
     NORM_EPS,
     TL_DTYPES,
+    LaunchConfig,
     check_device,
+    check_dtype,
     d_pad,
     full_row_block,
     interpreting,
     mma,
+    smem_estimate,
     to_lowp,
 )
 
@@ -105,7 +114,8 @@ def _load_rows(Z, rm, rd, mm, md, stride_zm, EPS: tl.constexpr):
 
 @triton.jit
 def _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm):
-    """Rows ``C[y]`` (fp32) and whether each label is in range (out-of-range rows -> NaN out)."""
+    """Rows ``C[y]`` (fp32) and whether each label is in range (out-of-range rows -> NaN out:
+    the op layer checks host labels; CUDA labels are not read back, see ops/head_ce.py)."""
     y = tl.load(Y + rm, mask=mm, other=0)
     ok = (y >= 0) & (y < K)
     cy = tl.load(
@@ -180,9 +190,13 @@ def _head_rows_kernel(
             lse = m_i + tl.log(l_i)
             tl.store(OUT + rm, tl.where(ok, lse - cos * inv_tau, float("nan")), mask=mm)
             if WITH_PC:
+                # C[y] again (L2-resident) rather than held in registers across the K loop
+                # next to the accumulator (BLOCK_M x D_PAD fp32 each)
+                cy, _, _ = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
+                pc = (acc - w_oth[:, None] * cy) / l_i[:, None]
                 tl.store(
                     PC + rm[:, None] * stride_pm + rd[None, :],
-                    (acc - w_oth[:, None] * cy) / l_i[:, None],
+                    tl.where(ok[:, None], pc, float("nan")),  # a bad label poisons its gradient
                     mask=mm[:, None] & md[None, :],
                 )
 
@@ -230,9 +244,9 @@ def _head_bwd_kernel(
         if MODE == 0:  # d CE / du = g / tau (softmax(s) C - c_y) = g / tau pc
             pc = tl.load(PC + rm[:, None] * stride_pm + rd[None, :], mask=mask, other=0.0)
             du = pc * (g * inv_tau)[:, None]
-        else:  # d cos(z, c_y) / du = g c_y
-            cy, _, _ = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
-            du = cy * g[:, None]
+        else:  # d cos(z, c_y) / du = g c_y (NaN for an out-of-range label, like the forward)
+            cy, ok, _ = _gather_centers(C, Y, rm, rd, mm, md, K, stride_cm)
+            du = tl.where(ok[:, None], cy * g[:, None], float("nan"))
     # F.normalize backward: the norm's gradient flows only where the clamp is inactive
     udu = tl.where(unclamped, tl.sum(u * du, axis=1), 0.0)
     dz = (du - u * udu[:, None]) * rn[:, None]
@@ -256,10 +270,64 @@ def _flags(dtype: torch.dtype) -> dict:
     }
 
 
+def project_config(dtype: torch.dtype, bsz: int) -> LaunchConfig:
+    """``_project_kernel``: the e and W^T chunks are staged (a plain tiled GEMM)."""
+    if dtype == torch.float32:
+        bm, bn, bk, warps = 32, 64, 32, 4
+    elif bsz >= 2048:
+        bm, bn, bk, warps = 128, 128, 64, 8
+    else:  # small batches: more, smaller tiles so the GPU has enough programs
+        bm, bn, bk, warps = 64, 64, 64, 4
+    stages = 3
+    smem = smem_estimate(dtype, stages, staged=bm * bk + bk * bn)
+    return LaunchConfig({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, warps, stages, smem)
+
+
+def rows_config(dtype: torch.dtype, d: int, *, backward: bool = False) -> LaunchConfig:
+    """``_head_rows_kernel`` (and ``_head_bwd_kernel`` with ``backward``): the ``[BLOCK_K,
+    D_PAD]`` centers tile is staged; forward: ``u`` is a resident dot operand (``u_hi`` and
+    ``u_lo`` at bf16), and p converts through shared memory; backward (LOGITS): the
+    ``[BLOCK_M, BLOCK_K]`` dlogits tile is staged too.
+
+    Compiled for sm_90 with Triton 3.9 at D_PAD=1024, K=1000 (shared memory, registers/thread,
+    spill stack/thread): rows CE fp32 193 KiB, 186 regs, 0 B (C[y] held across the K loop
+    instead of reloaded: 255 regs + spills); CE bf16 128.5 KiB, 255 regs, 40 B (was 288 B);
+    LOGITS fp32 192 KiB, bf16 129 KiB; bwd LOGITS fp32 130 KiB, bf16 66 KiB; COS and the CE
+    backward stage nothing (< 1 KiB). Every width and dtype fits 227 KiB."""
+    dp = d_pad(d)
+    bm, warps = full_row_block(dp)
+    # fp32 (exact FMA dots): BLOCK_M x BLOCK_K tiles over 512 spill 6-8 KiB/thread (D_PAD=256)
+    bk = 16 if dp >= 1024 or dtype == torch.float32 else 32
+    stages = 3
+    if backward:
+        smem = smem_estimate(dtype, stages, staged=bk * dp + bm * bk)
+    else:
+        u_copies = 1 if dtype == torch.float32 else 2  # hi/lo split at bf16
+        smem = smem_estimate(
+            dtype, stages, staged=bk * dp, resident=u_copies * bm * dp, scratch=bm * bk
+        )
+    return LaunchConfig({"BLOCK_M": bm, "BLOCK_K": bk, "D_PAD": dp}, warps, stages, smem)
+
+
+def configs(dtype: torch.dtype, d: int, bsz: int = 256) -> dict[str, LaunchConfig]:
+    """Every config the launchers below pick for width ``d`` (for the smem guard)."""
+    return {
+        "_project_kernel": project_config(dtype, bsz),
+        "_head_rows_kernel": rows_config(dtype, d),
+        "_head_bwd_kernel": rows_config(dtype, d, backward=True),
+    }
+
+
+def _check_width(d: int) -> None:
+    if d_pad(d) > MAX_D_PAD:
+        raise ValueError(f"width D={d} > {MAX_D_PAD} (the kernels hold whole rows in registers)")
+
+
 def project(
     e: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, residual: bool
 ) -> torch.Tensor:
     """``z = [e +] e W^T + b`` in fp32, ``(B, D)``; ``weight=None`` is the identity head."""
+    check_dtype(e=e, weight=weight, bias=bias)
     check_device(e, weight, bias)
     e = e.contiguous()
     bsz, din = e.shape
@@ -267,20 +335,15 @@ def project(
     if weight is not None:
         weight = weight.contiguous()
     z = torch.empty(bsz, n, device=e.device, dtype=torch.float32)
-    if e.dtype == torch.float32:
-        bm, bn, bk, warps = 32, 64, 32, 4
-    elif bsz >= 2048:
-        bm, bn, bk, warps = 128, 128, 64, 8
-    else:  # small batches: more, smaller tiles so the GPU has enough programs
-        bm, bn, bk, warps = 64, 64, 64, 4
-    grid = (triton.cdiv(bsz, bm), triton.cdiv(n, bn))
+    cfg = project_config(e.dtype, bsz)
+    grid = (triton.cdiv(bsz, cfg.blocks["BLOCK_M"]), triton.cdiv(n, cfg.blocks["BLOCK_N"]))
     _project_kernel[grid](
         e, weight if weight is not None else e, bias if bias is not None else e, z,
         bsz, n, din,
         e.stride(0), weight.stride(0) if weight is not None else 0, z.stride(0),
         HAS_W=weight is not None, HAS_B=bias is not None, RESIDUAL=residual,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         CDT=TL_DTYPES[e.dtype], IEEE=e.dtype == torch.float32, UPCAST=interpreting(),
+        **cfg.kwargs(),
     )  # fmt: skip
     return z
 
@@ -296,15 +359,15 @@ def head_rows(
     with_pc: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """From fp32 ``z (B, D)``: CE -> (loss rows (B,), pc (B, D) or None); LOGITS -> (logits
-    (B, K) fp32, None); COS -> (cos(z, c_y) (B,), None)."""
+    (B, K) fp32, None); COS -> (cos(z, c_y) (B,), None). Out-of-range labels give NaN rows."""
+    check_dtype(centers=centers, compute_dtype=compute_dtype)
+    bsz, d = z.shape
+    _check_width(d)
     check_device(z, centers, labels)
     labels = labels.contiguous() if labels is not None else None
-    bsz, d = z.shape
     k = centers.shape[0]
     centers = centers.contiguous()
-    dp = d_pad(d)
-    bm, warps = full_row_block(dp)
-    bk = 16 if dp >= 1024 else 32  # the C tile [bk, dp] is staged in shared memory
+    cfg = rows_config(compute_dtype, d)
     if mode == MODE_LOGITS:
         out = torch.empty(bsz, k, device=z.device, dtype=torch.float32)
     else:
@@ -314,14 +377,13 @@ def head_rows(
         if with_pc and mode == MODE_CE
         else None
     )
-    _head_rows_kernel[(triton.cdiv(bsz, bm),)](
+    _head_rows_kernel[(triton.cdiv(bsz, cfg.blocks["BLOCK_M"]),)](
         z, centers, labels if labels is not None else z, out, pc if pc is not None else z,
         bsz, k, d,
         z.stride(0), centers.stride(0), out.stride(0), d,
         1.0 / tau,
-        MODE=mode, WITH_PC=pc is not None,
-        BLOCK_M=bm, BLOCK_K=bk, D_PAD=dp, EPS=NORM_EPS, num_warps=warps,
-        **_flags(compute_dtype),
+        MODE=mode, WITH_PC=pc is not None, EPS=NORM_EPS,
+        **cfg.kwargs(), **_flags(compute_dtype),
     )  # fmt: skip
     return out, pc
 
@@ -339,27 +401,26 @@ def head_bwd(
     grad_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dL/dz (B, D)`` in ``out_dtype``. CE needs labels, pc, grad_rows; LOGITS needs
-    grad_logits (B, K); COS needs labels, grad_rows."""
+    grad_logits (B, K); COS needs labels, grad_rows. Out-of-range labels give NaN rows."""
+    check_dtype(centers=centers, out_dtype=out_dtype)
+    bsz, d = z.shape
+    _check_width(d)
     check_device(z, centers, labels, pc, grad_logits, grad_rows)
     labels = labels.contiguous() if labels is not None else None
-    bsz, d = z.shape
     k = centers.shape[0]
     centers = centers.contiguous()
-    dp = d_pad(d)
-    bm, warps = full_row_block(dp)
-    bk = 16 if dp >= 1024 else 32
+    cfg = rows_config(out_dtype, d, backward=True)
     dz = torch.empty(bsz, d, device=z.device, dtype=out_dtype)
     gl = grad_logits if grad_logits is not None else z
     gr = grad_rows if grad_rows is not None else z
-    _head_bwd_kernel[(triton.cdiv(bsz, bm),)](
+    _head_bwd_kernel[(triton.cdiv(bsz, cfg.blocks["BLOCK_M"]),)](
         z, centers, labels if labels is not None else z, pc if pc is not None else z, gl, gr, dz,
         bsz, k, d,
         z.stride(0), centers.stride(0), pc.stride(0) if pc is not None else 0,
         gl.stride(0), gl.stride(1) if gl.dim() == 2 else 0,
         gr.stride(0) if grad_rows is not None else 0, dz.stride(0),
         1.0 / tau,
-        MODE=mode,
-        BLOCK_M=bm, BLOCK_K=bk, D_PAD=dp, EPS=NORM_EPS, num_warps=warps,
-        **_flags(out_dtype),
+        MODE=mode, EPS=NORM_EPS,
+        **cfg.kwargs(), **_flags(out_dtype),
     )  # fmt: skip
     return dz

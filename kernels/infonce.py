@@ -21,7 +21,10 @@ Kernels (fwd: 2 launches, 3 when symmetric; bwd: 1 per input that needs a gradie
    before the bf16 rounding, so ``p_ii - 1`` does not cancel), accumulate ``dS (Y / |Y|)``
    (``2 B^2 D``), then the normalisation backward of the row.
    Called with (a, c) for ``dz_adv`` and (c, a) for ``dz_clean`` (skipped when the clean side
-   is frozen, the usual case). Traffic: read X once, Y once per row block, write dX.
+   is frozen, the usual case). Traffic: read X twice (before and after the loop, so only its
+   compute-dtype copy is live in the loop), Y once per row block, write dX. Shared memory:
+   the staged ``[BLOCK_N, D_PAD]`` Y tiles plus the resident X rows, <= 130 KiB for every
+   config :func:`grad_config` picks (see there; the limit is 227 KiB on H100/H200).
 
 fwd+bwd FLOPs: ``2 B^2 D`` (lse) ``+ 4 B^2 D`` (grad of z_adv) = ``6 B^2 D`` non-symmetric with a
 frozen clean side, as eager (``S``, ``dS c``, and no ``dS^T a``); extra memory ``O(B)`` floats
@@ -34,13 +37,16 @@ import torch
 import triton
 import triton.language as tl
 from advcal.kernels._common import (
+    MAX_D_PAD,
     NORM_EPS,
     TL_DTYPES,
+    LaunchConfig,
     check_device,
+    check_dtype,
     d_pad,
-    full_row_block,
     interpreting,
     mma,
+    smem_estimate,
     to_lowp,
 )
 
@@ -128,10 +134,10 @@ def _grad_kernel(
     mm = rm < B
     md = rd < D
     mask = mm[:, None] & md[None, :]
-    x = tl.load(X + rm[:, None] * stride_x + rd[None, :], mask=mask, other=0.0)
-    xc = x.to(CDT)
-    x = x.to(tl.float32)
-    nrm = tl.sqrt(tl.sum(x * x, axis=1))
+    # only the compute-dtype copy of the rows lives through the loop (a dot operand); the fp32
+    # rows are read again after it for the normalisation backward (B D s more bytes, from L2)
+    # instead of holding BLOCK_M x D_PAD fp32 in registers next to the accumulator
+    xc = tl.load(X + rm[:, None] * stride_x + rd[None, :], mask=mask, other=0.0).to(CDT)
     rnx = tl.load(RNX + rm, mask=mm, other=0.0)
     if USE_X:
         lsex = tl.load(LSEX + rm, mask=mm, other=0.0)
@@ -162,6 +168,8 @@ def _grad_kernel(
         acc = mma(to_lowp(ds, CDT, EMU), y, acc, IEEE, UPCAST)
     dxn = acc * inv_tau
     # F.normalize backward (the norm's gradient flows only where the eps clamp is inactive)
+    x = tl.load(X + rm[:, None] * stride_x + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+    nrm = tl.sqrt(tl.sum(x * x, axis=1))
     xn = x * rnx[:, None]
     xdx = tl.where(nrm >= EPS, tl.sum(xn * dxn, axis=1), 0.0)
     dx = (dxn - xn * xdx[:, None]) * rnx[:, None]
@@ -184,16 +192,61 @@ def _flags(dtype: torch.dtype) -> dict:
     }
 
 
+def row_stats_config(d: int) -> LaunchConfig:
+    bm, bd = 32, min(128, d_pad(d))
+    return LaunchConfig({"BLOCK_M": bm, "BLOCK_D": bd}, 4, 3, smem_estimate(torch.float32, 3))
+
+
+def lse_config(dtype: torch.dtype, d: int) -> LaunchConfig:
+    """``_lse_kernel``: the x and y^T chunks are staged; the S tile converts for the row max."""
+    if dtype == torch.float32:
+        bm, bn, bd, warps = 32, 64, 32, 4
+    else:
+        bm, bn, bd, warps = 64, 64, 64, 4
+    bd = min(bd, d_pad(d))
+    stages = 3
+    smem = smem_estimate(dtype, stages, staged=bm * bd + bd * bn, scratch=bm * bn)
+    return LaunchConfig({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, warps, stages, smem)
+
+
+def grad_config(dtype: torch.dtype, d: int) -> LaunchConfig:
+    """``_grad_kernel``: the ``[BLOCK_N, D_PAD]`` y tile is staged (both dots read it), the
+    ``[BLOCK_M, D_PAD]`` x rows are a resident dot operand, dS converts through shared memory.
+
+    Compiled for sm_90 with Triton 3.9 (shared memory, registers/thread, spill stack/thread):
+    D_PAD=1024 fp32 BN=16, 2 stages: 129 KiB, 255 regs, 24 B (BN=32 with 3 stages was 322 KiB:
+    no launch); bf16 BN=32, 2 stages: 97 KiB, 249 regs, 0 B (3 stages, 161 KiB, would not add
+    occupancy: registers already hold it to one 8-warp block per SM). fp32 (exact FMA dots)
+    with BLOCK_N=64 spills 8-10 KiB per thread at every width, hence 32 below 512."""
+    dp = d_pad(d)
+    f32 = dtype == torch.float32
+    if dp >= 512:
+        bm, bn, warps, stages = 16, (16 if f32 else 32), 8, 2
+    else:
+        bm, bn, warps, stages = 32, (32 if f32 else 64), (8 if f32 or dp >= 256 else 4), 3
+    smem = smem_estimate(dtype, stages, staged=bn * dp, resident=bm * dp, scratch=bm * bn)
+    return LaunchConfig({"BLOCK_M": bm, "BLOCK_N": bn, "D_PAD": dp}, warps, stages, smem)
+
+
+def configs(dtype: torch.dtype, d: int) -> dict[str, LaunchConfig]:
+    """Every config the launchers below pick for rows of width ``d`` (for the smem guard)."""
+    return {
+        "_row_stats_kernel": row_stats_config(d),
+        "_lse_kernel": lse_config(dtype, d),
+        "_grad_kernel": grad_config(dtype, d),
+    }
+
+
 def row_stats(a: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(1/max(|a_i|, eps), 1/max(|c_i|, eps), cos(a_i, c_i))``, each ``(B,)`` fp32."""
+    check_dtype(a=a, c=c)
     check_device(a, c)
     a, c = a.contiguous(), c.contiguous()
     bsz, d = a.shape
     rna, rnc, cos = (torch.empty(bsz, device=a.device, dtype=torch.float32) for _ in range(3))
-    bm, bd = 32, min(128, d_pad(d))
-    _row_stats_kernel[(triton.cdiv(bsz, bm),)](
-        a, c, rna, rnc, cos, bsz, d, a.stride(0), c.stride(0),
-        BLOCK_M=bm, BLOCK_D=bd, EPS=NORM_EPS, num_warps=4,
+    cfg = row_stats_config(d)
+    _row_stats_kernel[(triton.cdiv(bsz, cfg.blocks["BLOCK_M"]),)](
+        a, c, rna, rnc, cos, bsz, d, a.stride(0), c.stride(0), EPS=NORM_EPS, **cfg.kwargs(),
     )  # fmt: skip
     return rna, rnc, cos
 
@@ -202,18 +255,15 @@ def lse(
     x: torch.Tensor, y: torch.Tensor, rn_x: torch.Tensor, rn_y: torch.Tensor, tau: float
 ) -> torch.Tensor:
     """``lse_i = logsumexp_j(<x_i, y_j> rn_x_i rn_y_j / tau)`` ``(B,)`` fp32, tiled."""
+    check_dtype(x=x, y=y)
     check_device(x, y, rn_x, rn_y)
     x, y = x.contiguous(), y.contiguous()
     bsz, d = x.shape
     out = torch.empty(bsz, device=x.device, dtype=torch.float32)
-    if x.dtype == torch.float32:
-        bm, bn, bd, warps = 32, 64, 32, 4
-    else:
-        bm, bn, bd, warps = 64, 64, 64, 4
-    bd = min(bd, d_pad(d))
-    _lse_kernel[(triton.cdiv(bsz, bm),)](
+    cfg = lse_config(x.dtype, d)
+    _lse_kernel[(triton.cdiv(bsz, cfg.blocks["BLOCK_M"]),)](
         x, y, rn_x, rn_y, out, bsz, d, x.stride(0), y.stride(0), 1.0 / tau,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **_flags(x.dtype),
+        **cfg.kwargs(), **_flags(x.dtype),
     )  # fmt: skip
     return out
 
@@ -235,20 +285,20 @@ def grad(
     None is absent (e.g. the clean side of a non-symmetric loss has only the y term)."""
     if lse_x is None and lse_y is None:
         raise ValueError("grad: at least one of lse_x, lse_y is needed")
+    check_dtype(x=x, y=y)
+    bsz, d = x.shape
+    if d_pad(d) > MAX_D_PAD:
+        raise ValueError(f"grad: width D={d} > {MAX_D_PAD} (rows are held whole in registers)")
     check_device(x, y, rn_x, rn_y, lse_x, lse_y, grad_out)
     x, y = x.contiguous(), y.contiguous()
-    bsz, d = x.shape
-    dp = d_pad(d)
-    bm, warps = full_row_block(dp)
-    bn = 32 if dp >= 512 else 64  # the y tile [bn, dp] is staged in shared memory
+    cfg = grad_config(x.dtype, d)
     dx = torch.empty_like(x)
-    _grad_kernel[(triton.cdiv(bsz, bm),)](
+    _grad_kernel[(triton.cdiv(bsz, cfg.blocks["BLOCK_M"]),)](
         x, y, rn_x, rn_y, lse_x if lse_x is not None else rn_x,
         lse_y if lse_y is not None else rn_y, grad_out.float().reshape(1), dx,
         bsz, d, x.stride(0), y.stride(0), dx.stride(0),
         1.0 / tau, coef_x, coef_y,
-        USE_X=lse_x is not None, USE_Y=lse_y is not None,
-        BLOCK_M=bm, BLOCK_N=bn, D_PAD=dp, EPS=NORM_EPS, num_warps=warps,
-        **_flags(x.dtype),
+        USE_X=lse_x is not None, USE_Y=lse_y is not None, EPS=NORM_EPS,
+        **cfg.kwargs(), **_flags(x.dtype),
     )  # fmt: skip
     return dx

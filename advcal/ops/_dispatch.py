@@ -5,6 +5,13 @@ Each op lists its backends in order of preference (e.g. ``cuda`` extension, ``tr
 can). The first that can run wins. ``ADVCAL_BACKEND=<name>`` forces a backend for every op; a
 forced backend that cannot run the inputs raises one error listing its reason, never a silent
 fallback.
+
+Valid values of ``ADVCAL_BACKEND``: ``auto`` (or unset), or the name of any registered backend
+(:func:`backend_names`: ``cuda``, ``cpp``, ``triton``, ``ref``); anything else raises
+:class:`UnknownBackendError` naming them. A name that some op registers but another lacks means
+*that other op's own fast path*: ``ADVCAL_BACKEND=cuda`` runs ``pgd_step_`` on the CUDA
+extension and the Triton-only ``head_ce`` / ``infonce`` on Triton (their automatic choice), so
+one setting selects "the GPU path" everywhere. ``ref`` exists for every op.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ BACKEND_ENV = "ADVCAL_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the given inputs."""
+
+
+class UnknownBackendError(ValueError):
+    """``ADVCAL_BACKEND`` names no registered backend."""
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,23 @@ def register(op: str, backends: Sequence[Backend]) -> None:
     _OPS[op] = tuple(backends)
 
 
+def backend_names() -> tuple[str, ...]:
+    """Every backend name some registered op has (the valid ``ADVCAL_BACKEND`` values, with
+    ``auto``)."""
+    return tuple(sorted({b.name for backends in _OPS.values() for b in backends}))
+
+
 def forced_backend() -> str | None:
+    """The backend ``ADVCAL_BACKEND`` forces, or None for ``auto``/unset; a typo raises."""
     value = os.environ.get(BACKEND_ENV, "").strip().lower()
-    return None if value in ("", "auto") else value
+    if value in ("", "auto"):
+        return None
+    if value not in backend_names():
+        valid = ", ".join(("auto", *backend_names()))
+        raise UnknownBackendError(
+            f"{BACKEND_ENV}={value!r} is not a backend; use one of: {valid} (or unset it)"
+        )
+    return value
 
 
 def select(op: str, *args, **kwargs) -> Backend:
@@ -54,10 +79,9 @@ def select(op: str, *args, **kwargs) -> Backend:
     if forced is not None:
         names = [b.name for b in backends]
         if forced not in names:
-            if forced == "ref":  # unreachable: every op has a ref
-                raise AssertionError(op)
-            # a backend this op does not have (e.g. 'cuda' for a Triton-only op): use the
-            # op's own preference order, so ADVCAL_BACKEND=cuda means "the fast GPU path".
+            # a backend another op has but this one lacks (e.g. 'cuda' for the Triton-only
+            # head_ce): this op's own preference order, so ADVCAL_BACKEND=cuda means "the fast
+            # GPU path" for every op (see the module docstring)
             forced = None
         else:
             backend = backends[names.index(forced)]

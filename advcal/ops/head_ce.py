@@ -13,7 +13,10 @@ Public functions (one dispatcher picks the backend, :mod:`advcal.ops._dispatch`)
 Backends: ``triton`` (CUDA tensors; ``advcal::head_fwd`` / ``advcal::head_bwd`` custom ops whose
 CUDA kernels launch :mod:`advcal.kernels.head_ce` and whose CPU kernels are the same math in plain
 PyTorch, so eager, ``torch.compile(fullgraph=True)`` and ``opcheck`` run on CPU too) and ``ref``
-(the ``*_ref`` functions: plain PyTorch autograd; the CPU default).
+(the ``*_ref`` functions: plain PyTorch autograd; the CPU default). Triton takes float32 and
+bfloat16 (float16 inputs run on the reference, see SUPPORTED_DTYPES) and D <= 1024. Labels
+outside ``[0, K)`` raise a ValueError when they live on the host; CUDA labels are not read back
+(no sync): the kernels give such a row a NaN loss and a NaN gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import torch.nn.functional as F
 from advcal.ops import _dispatch
 
 NORM_EPS = 1e-12
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float16 goes to the reference: the kernels' low-precision backward operands (dlogits, InfoNCE's
+# dS ~ 1/B) underflow fp16's normal range at typical batch sizes (measured under the interpreter:
+# InfoNCE at B=2048 has 36x PyTorch's gradient error in fp16; bf16 is within 1.3x).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_D = 1024  # rows are held whole in registers by the kernels (see kernels/_common.py)
 MODE_CE, MODE_LOGITS, MODE_COS = 0, 1, 2
 _REDUCTIONS = ("mean", "sum", "none")
@@ -125,11 +131,28 @@ def _validate(
             raise ValueError(f"labels must be ({bsz},), got {tuple(labels.shape)}")
         if labels.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"labels must be int64 (or int32), got {labels.dtype}")
+        _check_label_range(labels, centers.shape[0])
     if tau is not None and not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     for name, t in (("weight", weight), ("bias", bias), ("centers", centers), ("labels", labels)):
         if t is not None and t.device != e.device:
             raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
+
+
+def _check_label_range(labels: torch.Tensor, k: int) -> None:
+    """Labels must index a center. Checked on the host where that costs no device sync (CPU
+    labels, eager); CUDA labels are not read back (a sync would stall every attack step and
+    break CUDA-graph capture): there the kernels write NaN loss/cos rows and NaN gradient rows
+    for an out-of-range label, and the reference raises a device-side assert."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= k:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"labels must be in [0, {k}) (one per center row), got {bad}; check the label "
+            "mapping against centers"
+        )
 
 
 # ------------------------------------------------------------------------ backend choice
@@ -154,21 +177,28 @@ def triton_general() -> str | None:
     return _triton_import_error()
 
 
+def triton_on_device(device: str) -> str | None:
+    """Why the Triton backend cannot run tensors on ``device`` (``"cpu"``, ``"cuda"``)."""
+    if device != "cuda":
+        return f"takes CUDA tensors, not {device}"
+    return triton_general()
+
+
 def triton_why_not(tensors: dict[str, torch.Tensor | None], width: int) -> str | None:
     """Reason the Triton kernels cannot take these tensors (None when they can)."""
     present = {k: t for k, t in tensors.items() if t is not None}
     for name, t in present.items():
-        if t.device.type != "cuda":
-            return f"{name} is on {t.device.type} (the Triton kernels take CUDA tensors)"
-    general = triton_general()
-    if general is not None:
-        return general
-    for name, t in present.items():
         if t.is_floating_point() and t.dtype not in SUPPORTED_DTYPES:
-            return f"{name} has dtype {t.dtype} (kernels take float32, bfloat16, float16)"
+            return (
+                f"{name} has dtype {t.dtype} (the kernels take float32 and bfloat16; float16 "
+                "backward operands underflow in them)"
+            )
     if width > MAX_D:
         return f"width D={width} > {MAX_D} (kernels hold whole rows in registers)"
-    return None
+    for name, t in present.items():
+        if t.device.type != "cuda":
+            return f"{name} is on {t.device.type} (the Triton kernels take CUDA tensors)"
+    return triton_general()
 
 
 def _why_not_head(e, weight, bias, centers, *args, **kwargs) -> str | None:
@@ -180,7 +210,9 @@ def _why_not_head(e, weight, bias, centers, *args, **kwargs) -> str | None:
     return triton_why_not(tensors, max(e.shape[-1], centers.shape[-1]))
 
 
-_why_not_head.general = triton_general  # for `advcal info` (see _dispatch.describe)
+# for `advcal info`: without inputs (_dispatch.describe) and per device (chosen_by_device)
+_why_not_head.general = triton_general  # type: ignore[attr-defined]
+_why_not_head.device = triton_on_device  # type: ignore[attr-defined]
 
 
 def _always(*args, **kwargs) -> str | None:
@@ -278,7 +310,7 @@ def _weight_grads(
     if need_w and weight is not None:
         dw = (dz.T @ e.to(dz.dtype)).to(weight.dtype)
     if need_b and bias is not None:
-        db = dz.sum(0, dtype=torch.float32).to(bias.dtype)
+        db = dz.sum(0, dtype=bias.dtype)  # one launch; bf16/fp16 sums accumulate in fp32
     return de, dw, db
 
 

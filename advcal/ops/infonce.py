@@ -6,7 +6,9 @@
 Backends: ``triton`` (CUDA tensors; ``advcal::infonce_fwd`` / ``advcal::infonce_bwd`` custom ops
 whose CUDA kernels run the tiled kernels of :mod:`advcal.kernels.infonce` -- the ``B x B``
 similarity matrix never reaches global memory, only per-row log-sum-exps -- and whose CPU kernels
-are the same math in plain PyTorch) and ``ref`` (:func:`infonce_ref`, the CPU default).
+are the same math in plain PyTorch) and ``ref`` (:func:`infonce_ref`, the CPU default). Triton
+takes float32 and bfloat16 and D <= 1024; float16 runs on the reference (its dS ~ 1/B^2 would
+underflow in the kernels' fp16 dot).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from advcal.ops import _dispatch
-from advcal.ops.head_ce import triton_general, triton_why_not
+from advcal.ops.head_ce import triton_general, triton_on_device, triton_why_not
 
 NORM_EPS = 1e-12
 
@@ -202,7 +204,8 @@ def _why_not_infonce(z_adv, z_clean, *args, **kwargs) -> str | None:
     return triton_why_not({"z_adv": z_adv, "z_clean": z_clean}, z_adv.shape[-1])
 
 
-_why_not_infonce.general = triton_general  # for `advcal info`
+_why_not_infonce.general = triton_general  # type: ignore[attr-defined]  # for `advcal info`
+_why_not_infonce.device = triton_on_device  # type: ignore[attr-defined]
 
 
 def _always(*args, **kwargs) -> str | None:
