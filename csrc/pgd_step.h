@@ -14,24 +14,20 @@ enum class PgdNorm { kLinf, kL2 };
 PgdNorm parse_norm(std::string_view norm);
 
 // Checks lengths of the lists, dtypes (fp32/bf16/fp16, equal within a triple), shapes,
-// devices (all on `device`), contiguity, eps >= 0, lo <= hi, and for L2 a leading sample dim.
+// devices (all on `device`), contiguity, eps >= 0, alpha finite, lo <= hi and neither NaN, and
+// for L2 a leading sample dim.
 // `grad` may be empty (random start). Throws c10::Error naming e.g. "grad[1]".
 void check_pgd_args(at::TensorList x_adv, at::TensorList grad, at::TensorList x_orig,
                     c10::ArrayRef<double> alpha, c10::ArrayRef<double> eps,
                     c10::ArrayRef<double> lo, c10::ArrayRef<double> hi, PgdNorm norm,
                     c10::DeviceType device, bool has_grad);
 
-// Per-sample 2-norms over all dims but the first, in fp32, clamped at 1e-12: the same ATen call
-// the Python reference makes (torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=float32)),
-// so fp32 results are bit-identical. Returns a contiguous (B,) fp32 tensor.
+// Per-sample 2-norms over all dims but the first, in fp32, clamped at 1e-12 (a NaN norm stays
+// NaN): the same ATen calls the Python reference makes (torch.linalg.vector_norm(t.flatten(1),
+// dim=1, dtype=float32).clamp_min(1e-12)), so fp32 results are bit-identical. Returns a
+// contiguous (B,) fp32 tensor.
 at::Tensor per_sample_norm(const at::Tensor& t);
 
 constexpr float kNormEps = 1e-12f;
-
-// L2 random start, device-agnostic ATen composite (runs once per attack; temporaries are fine):
-// x <- clamp(x0 + d / ||d|| * eps * r, lo, hi), d ~ N(0, I), r ~ U(0, 1) per sample.
-void random_start_l2_composite(at::TensorList x_adv, at::TensorList x_orig,
-                               c10::ArrayRef<double> eps, c10::ArrayRef<double> lo,
-                               c10::ArrayRef<double> hi, std::optional<at::Generator> generator);
 
 }  // namespace advcal

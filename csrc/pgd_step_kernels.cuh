@@ -18,11 +18,11 @@ enum class Norm : int32_t { kLinf = 0, kL2 = 1 };
 
 // One tensor of the list. For L-inf the whole tensor is one "sample" (samples = 1).
 struct PgdTensor {
-  void* x;              // x_adv, updated in place
-  const void* g;        // grad
-  const void* x0;       // x_orig
-  int64_t samples;      // B (size of dim 0 for L2; 1 for L-inf)
-  int64_t per_sample;   // M = numel / B
+  void* x;                   // x_adv, updated in place
+  const void* g;             // grad
+  const void* x0;            // x_orig
+  int64_t samples;           // B (size of dim 0 for L2; 1 for L-inf)
+  int64_t per_sample;        // M = numel / B
   float alpha, eps, lo, hi;  // lo/hi: -inf/+inf when unbounded
   DType dtype;
 };
@@ -46,20 +46,30 @@ struct PhiloxArgs {
   uint64_t offset_intragraph;
 };
 
+// For L-inf the whole tensor is one sample (samples = 1, per_sample = numel).
 struct StartTensor {
   void* x;
   const void* x0;
-  int64_t numel;
+  int64_t samples;
+  int64_t per_sample;
   float eps, lo, hi;
   DType dtype;
 };
 
-// Per-call Philox counter increment the generator must be advanced by.
-uint64_t random_start_offset_increment();
+// Per-call Philox offset increment the generator must be advanced by (4 for L-inf: one counter
+// per element group; 8 for L2: the direction's counters plus the per-sample radius').
+uint64_t random_start_offset_increment(Norm norm);
 
-// x <- clamp(x0 + U(-eps, eps), lo, hi), one launch for the whole list, RNG on the device.
-cudaError_t launch_random_start_linf(const StartTensor* tensors, int n, PhiloxArgs rng,
-                                     cudaStream_t stream);
+// Floats of device workspace launch_random_start needs (0 for L-inf; per-tile partial sums of
+// the direction's squares for L2).
+int64_t random_start_workspace_floats(const StartTensor* tensors, int n, Norm norm);
+
+// L-inf: x <- clamp(x0 + U(-eps, eps), lo, hi), one launch for the whole list.
+// L2:    x <- clamp(x0 + d eps r / ||d||, lo, hi), d ~ N(0, I), r ~ U(0, 1) per sample; two
+//        launches (||d|| partials, then the update regenerating d from the same counters).
+// RNG on the device (Philox), no host sync: capturable in a CUDA graph.
+cudaError_t launch_random_start(const StartTensor* tensors, int n, Norm norm, PhiloxArgs rng,
+                                float* workspace, cudaStream_t stream);
 
 constexpr int kMaxTensorsPerLaunch = 24;
 

@@ -14,6 +14,8 @@ kernel: one vectorised pass, no temporaries), ``ref`` (plain PyTorch below). The
 defines the arithmetic: everything in fp32, one rounding to the storage dtype per stored value,
 and the kernels perform the same operations in the same order, so fp32 results are
 bit-identical (the CUDA L2 norms are reduced in a different order: close, not identical).
+NaN semantics are the reference's (see :func:`pgd_step_ref_`) on every backend.
+``ADVCAL_BACKEND`` picks the backend the same way in eager code and under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -69,7 +71,25 @@ def pgd_step_ref_(
     hi=None,
     norm: str = "linf",
 ) -> None:
-    """The reference: plain PyTorch, in place on ``x_adv``; the kernels' order of operations."""
+    """The reference: plain PyTorch, in place on ``x_adv``; the kernels' order of operations.
+
+    NaN semantics: exactly what these torch ops do, chosen deliberately and matched bit for bit
+    by the C++ and CUDA kernels (tests/test_pgd_step.py pins them):
+
+    - L-inf, per element: ``torch.sign(NaN) = 0`` in ATen (pytorch/pytorch#41245), so an
+      element whose ``grad`` is NaN takes no step: it stays at ``x``, projected into the ball
+      and ``[lo, hi]`` like any other. An element whose ``x`` or ``x_orig`` is NaN becomes NaN
+      (``maximum``/``minimum``/``clamp`` keep a NaN). ``grad = +-inf`` is a plain sign.
+    - L2, per sample: a NaN anywhere in a sample's ``grad``, ``x`` or ``x_orig`` (or an inf in
+      its ``grad``, through ``inf * 0``) makes its norm NaN and the whole sample NaN: the
+      direction is undefined, and no finite step is invented. Other samples and other tensors
+      of the list are unaffected.
+
+    So a NaN never becomes a finite value outside the eps-ball or ``[lo, hi]``: every finite
+    output lies in both. The op does not raise on NaN: checking would need a device-to-host
+    sync, which a CUDA-graph-captured step cannot have. Should torch ever change ``sign(NaN)``,
+    the pinning test fails rather than the kernels silently diverging from the reference.
+    """
     n = len(x_adv)
     alphas, epss = _as_list(alpha, n, "alpha"), _as_list(eps, n, "eps")
     los, his = _as_list(lo, n, "lo"), _as_list(hi, n, "hi")
@@ -179,6 +199,10 @@ def _prepare(x_adv, grad, x_orig, alpha, eps, lo, hi, norm):
             raise ValueError(f"eps[{i}] = {epss[i]} must be >= 0")
         if alphas is not None and not math.isfinite(alphas[i]):
             raise ValueError(f"alpha[{i}] = {alphas[i]} must be finite")
+        if math.isnan(los[i]) or math.isnan(his[i]):
+            raise ValueError(
+                f"lo[{i}] = {los[i]}, hi[{i}] = {his[i]}: bounds must not be NaN (None: unbounded)"
+            )
         if los[i] > his[i]:
             raise ValueError(f"lo[{i}] = {los[i]} > hi[{i}] = {his[i]}")
         if norm == "l2" and x.dim() == 0:
@@ -269,12 +293,11 @@ _warned: set[str] = set()
 
 def _select(op: str, *args) -> _dispatch.Backend:
     if torch.compiler.is_compiling():
-        # inside torch.compile: the op (with its fake kernel) when built, else the reference,
-        # which traces as plain PyTorch; the eager call before compiling did the checking.
-        key = "CUDA" if args[0][0].device.type == "cuda" else "CPU"
-        tensors = [*args[0], *(args[1] or ()), *args[2]]
-        ok = _ext.has_kernel(op, key) and all(t.is_contiguous() for t in tensors)
-        return _dispatch._OPS[op][1 if ok else -1]
+        # Inside torch.compile: the very choice eager makes, ADVCAL_BACKEND included (a forced
+        # backend that cannot run the inputs raises while tracing), read at trace time and
+        # baked into the graph: the op (traced through its fake kernel) or the reference (plain
+        # PyTorch). Changing ADVCAL_BACKEND later needs a fresh torch.compile. No warning here.
+        return _dispatch.select(op, *args)
     _ext.load()  # the one warning when advcal._C is missing
     backend = _dispatch.select(op, *args)
     if backend.name == "ref" and _ext.available() and _dispatch.forced_backend() != "ref":
@@ -325,7 +348,9 @@ def random_start_(
 ) -> None:
     """``x_adv <- clamp(x_orig + delta, lo, hi)`` in place, delta uniform in the eps-ball's
     L-inf box or along a random L2 direction (see :func:`random_start_ref_`). CPU: the same
-    draws as the reference for the same generator; CUDA (extension): device-side Philox."""
+    draws as the reference for the same generator; CUDA (extension): fused kernels with
+    device-side Philox (other draws than torch.rand/randn, same distribution), capturable in a
+    CUDA graph, where each replay draws afresh."""
     xs, _, x0s, _, epss, los, his = _prepare(x_adv, None, x_orig, None, eps, lo, hi, norm)
     if not xs:
         return
