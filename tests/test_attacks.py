@@ -154,8 +154,8 @@ def test_cuda_graph_gives_the_eager_adversarial_examples(toy, cls):
     }  # L-inf and L2 modalities in one call
     xs = {m: ds.inputs[m][:32].cuda() for m in clfs}
     y = ds.labels[:32].cuda()
-    eager = cls(clfs, steps=5, restarts=2, seed=7)(xs, y)
-    graphed_atk = cls(clfs, steps=5, restarts=2, seed=7, cuda_graph=True)
+    eager = cls(clfs, steps=5, restarts=1, seed=7)(xs, y)
+    graphed_atk = cls(clfs, steps=5, restarts=1, seed=7, cuda_graph=True)
     graphed = graphed_atk(xs, y)
     again = graphed_atk(xs, y)  # replays the captured graph with refilled buffers
     for m in clfs:
@@ -165,3 +165,32 @@ def test_cuda_graph_gives_the_eager_adversarial_examples(toy, cls):
     assert len(graphed_atk._graphs) == 1
     graphed_atk({m: v[:16] for m, v in xs.items()}, y[:16])  # a new shape: a second graph
     assert len(graphed_atk._graphs) == 2
+
+
+@requires_cuda
+def test_cuda_graph_restarts_mask_the_broken_samples(toy):
+    """With a graph, later restarts run the full batch and only survivors may change."""
+    bb, centers, ds = toy
+    clf = ZeroShotClassifier(bb.to("cuda"), "img", centers.cuda())
+    x, y = ds.inputs["img"][:32].cuda(), ds.labels[:32].cuda()
+    one = PGD(clf, eps=0.08, steps=3, restarts=1, seed=5, cuda_graph=True)(x, y)
+    two = PGD(clf, eps=0.08, steps=3, restarts=2, seed=5, cuda_graph=True)(x, y)
+    with torch.no_grad():
+        broken_one = clf(one).argmax(1) != y
+        broken_two = clf(two).argmax(1) != y
+    assert (broken_two | ~broken_one).all()
+    assert torch.equal(two[broken_one], one[broken_one])
+
+
+def test_later_restarts_attack_only_the_survivors(toy):
+    clf, x, y = _clf(toy)
+    one = PGD(clf, eps=0.08, steps=3, restarts=1, seed=5)(x, y)
+    two = PGD(clf, eps=0.08, steps=3, restarts=2, seed=5)(x, y)  # restart 1: the same attack
+    with torch.no_grad():
+        broken_one = clf(one).argmax(1) != y
+        broken_two = clf(two).argmax(1) != y
+    assert broken_one.any() and (~broken_one).any(), "the toy case must be mixed"
+    assert (broken_two | ~broken_one).all(), "a second restart never un-breaks a sample"
+    assert torch.equal(two[broken_one], one[broken_one]), "broken samples are not re-attacked"
+    d = (two - x).abs().flatten(1).max(1).values
+    assert (d <= 0.08 + 1e-6).all()

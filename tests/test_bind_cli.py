@@ -38,9 +38,6 @@ from advcal.cli import main
 from advcal.data import MultiModalDataset, save
 from advcal.pipeline import load_run
 
-# CPU runs use the reference PGD update (no CUDA kernels in this build): expected here
-pytestmark = pytest.mark.filterwarnings("ignore:advcal.ops.pgd_step_:RuntimeWarning")
-
 CLASSES = ("dog", "cat", "bird")
 N = 9  # samples: 3 per class
 FREE = {"audio": 7680, "point": 256}  # sizes of the free (-1) spec dims, per modality

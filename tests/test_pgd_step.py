@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -785,3 +786,30 @@ def test_cuda_random_start_in_graph_capture(norm):
             assert d.abs().max() <= EPS + 1e-7  # + the rounding of x0 + delta
         else:
             assert (d.norm(dim=1) <= EPS * (1 + 1e-4)).all()
+
+
+@requires_ext
+def test_strided_gradient_keeps_the_fused_kernel():
+    """autograd hands back the gradient of a transposed input as a transposed view: the
+    public op copies it once instead of dropping to the reference."""
+    torch.manual_seed(3)
+    x0 = torch.rand(8, 16, 3)
+    g = torch.randn(8, 3, 16).transpose(1, 2)  # strided, as from a (B, C, N) encoder
+    assert not g.is_contiguous()
+    a, b = x0.clone(), x0.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "using the reference" warning
+        pgd_step_(a, g, x0, alpha=0.01, eps=0.03, lo=0.0, hi=1.0)
+    pgd_step_ref_(b, g.contiguous(), x0, alpha=0.01, eps=0.03, lo=0.0, hi=1.0)
+    assert torch.equal(a, b)
+
+
+@requires_ext
+def test_strided_x_adv_falls_back_with_the_reason(monkeypatch):
+    import advcal.ops.pgd_step as mod
+
+    monkeypatch.setattr(mod, "_warned", set())  # the warning is once per process and reason
+    x0 = torch.rand(3, 4)
+    x = torch.rand(4, 3).t()  # written in place: cannot be copied
+    with pytest.warns(RuntimeWarning, match="not contiguous"):
+        pgd_step_(x, torch.randn(3, 4), x0, alpha=0.01, eps=0.03, lo=0.0, hi=1.0)

@@ -207,6 +207,12 @@ def _prepare(x_adv, grad, x_orig, alpha, eps, lo, hi, norm):
             raise ValueError(f"lo[{i}] = {los[i]} > hi[{i}] = {his[i]}")
         if norm == "l2" and x.dim() == 0:
             raise ValueError(f"x_adv[{i}] is 0-dimensional; norm='l2' needs a sample dimension")
+    # read-only inputs may be strided (autograd returns the gradient of a transposed input as
+    # a transposed view): one copy here keeps the fused kernel; x_adv is written in place, so
+    # a strided x_adv takes the reference (with the warning saying so)
+    if gs is not None:
+        gs = [g.contiguous() for g in gs]
+    x0s = [x.contiguous() for x in x0s]
     return xs, gs, x0s, alphas, epss, los, his
 
 
@@ -301,9 +307,10 @@ def _select(op: str, *args) -> _dispatch.Backend:
     _ext.load()  # the one warning when advcal._C is missing
     backend = _dispatch.select(op, *args)
     if backend.name == "ref" and _ext.available() and _dispatch.forced_backend() != "ref":
-        reasons = [b.why_not(*args) for b in _dispatch._OPS[op][:-1]]
         device = args[0][0].device.type
-        reason = next((r for r in reasons if r and device in r and "is on" not in r), reasons[0])
+        native = {"cpu": "cpp", "cuda": "cuda"}.get(device, "")  # this device's backend
+        backend_of = {b.name: b for b in _dispatch._OPS[op][:-1]}
+        reason = backend_of[native].why_not(*args) if native in backend_of else "no backend"
         key = f"{op}:{device}:{reason}"
         if key not in _warned:
             _warned.add(key)
