@@ -1,10 +1,17 @@
-"""Full PGD-K attacks per second: eager vs torch.compile vs CUDA graph (advcal.cuda_graph).
+"""Full PGD-K attacks per second: the library's attack eager vs under a CUDA graph, and a
+hand-written attack loop eager vs torch.compile.
 
-Backbones: the embedded ``minibind`` image tower (``advcal.backbones.load("minibind")``, when
-available) and a ViT-B-sized random-weight encoder (12 x 768, 197 tokens, SDPA attention).
-One attack = random start + K x (forward, cross-entropy vs 10 random centers, input-gradient
-backward, fused ``advcal.ops.pgd_step_``). GPU: bf16 autocast, batch 64; CPU: ``--quick`` smoke
-(tiny ViT, batch 2, graph arm skipped).
+Backbones: the embedded ``minibind`` image tower (``advcal.backbones.load("minibind")``) and a
+ViT-B-sized random-weight encoder (12 x 768, 197 tokens, SDPA attention), each wrapped as a
+zero-shot classifier against 10 random unit centers. One attack = random start + K x (forward,
+cross-entropy, input-gradient backward, fused ``advcal.ops.pgd_step_``).
+
+Arms: ``eager`` = ``advcal.PGD(...)``; ``advcal_graph`` = ``advcal.PGD(..., cuda_graph=True)``
+(the whole step captured once, replayed K times; before timing, the run checks that it returns
+exactly the eager attack's adversarial examples and records ``identical`` in ``extra``);
+``loop_eager`` / ``loop_compiled`` = the same attack as a plain loop, eager and with the step
+under ``torch.compile``. GPU: bf16 autocast, batch 64; CPU: ``--quick`` smoke (tiny ViT,
+batch 2, graph arm skipped).
 
     python benchmarks/bench_attack.py [--quick] [--steps 10] [--batch 64] [--json out.json]
 """
@@ -22,11 +29,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advcal import profiling
-from advcal.cuda_graph import GraphedStep
+from advcal.attacks import PGD
 from advcal.ops import pgd_step_, random_start_
 from benchmarks.harness import Case, Table, parser, run_sweep
 
 EPS, ALPHA = 8 / 255, 2 / 255
+ARMS = ("eager", "advcal_graph", "loop_eager", "loop_compiled")
 
 
 class ViT(nn.Module):
@@ -49,47 +57,48 @@ class ViT(nn.Module):
         return self.head(self.encoder(t)[:, 0])
 
 
-def minibind_image(device):
-    try:
-        from advcal import backbones
+def minibind_backbone(device, quick: bool):
+    """The embedded backbone; ``quick``: a tiny 1-epoch config (a smoke run, seconds to
+    pretrain) instead of the default (a minute to pretrain once, then cached)."""
+    from advcal import backbones
 
-        bb = backbones.load("minibind", device=device)
-    except Exception as exc:  # being written by another engineer; optional here
-        raise NotImplementedError(f"minibind unavailable: {type(exc).__name__}: {exc}") from exc
-    spec = bb.spec("image")
-    centers = torch.randn(10, bb.embed_dim, device=device)
-    centers = F.normalize(centers, dim=-1)
-
-    class Clf(nn.Module):
-        def forward(self, x):
-            return F.normalize(bb.encode("image", x, check=False).float(), dim=-1) @ centers.T
-
-    return Clf(), tuple(spec.shape)
+    small = {"embed_dim": 32, "width": 4, "epochs": 1, "modalities": ("image",)} if quick else {}
+    return backbones.load("minibind", device=device, progress=False, **small), "image"
 
 
-def pgd(model, x0, y, steps, mode, autocast):
-    """Returns a zero-arg callable running one full PGD-``steps`` attack."""
+def vit_backbone(device, cfg):
+    from advcal import backbones
+    from advcal.specs import InputSpec
+
+    vit = ViT(**cfg).to(device)
+    image = cfg.get("image", 224)
+    dim = cfg.get("dim", 768)
+    vit.head = nn.Identity()  # the embedding, not class logits
+    spec = InputSpec((3, image, image), 0.0, 1.0, EPS)
+    return backbones.wrap({"image": vit}, {"image": spec}, embed_dim=dim), "image"
+
+
+def classifier(backbone, modality, device):
+    from advcal.attacks import ZeroShotClassifier
+
+    g = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(10, backbone.embed_dim, generator=g), dim=-1)
+    return ZeroShotClassifier(backbone.eval(), modality, centers.to(device)).eval()
+
+
+def loop_attack(clf, x0, y, steps, compiled, autocast):
+    """The attack as a plain loop (random start + K fused steps), for the compile arm."""
     x_adv = x0.clone()
     gen = torch.Generator(x0.device).manual_seed(0)
 
     def grad_step():
-        with profiling.range("attack/step"):
-            x = x_adv.detach().requires_grad_(True)
-            with autocast():
-                loss = F.cross_entropy(model(x).float(), y)
-            (g,) = torch.autograd.grad(loss, x)
-            with profiling.range("attack/update"):
-                pgd_step_(x_adv, g, x0, alpha=ALPHA, eps=EPS, lo=0.0, hi=1.0)
+        x = x_adv.detach().requires_grad_(True)
+        with autocast():
+            loss = F.cross_entropy(clf(x).float(), y)
+        (g,) = torch.autograd.grad(loss, x)
+        pgd_step_(x_adv, g, x0, alpha=ALPHA, eps=EPS, lo=0.0, hi=1.0)
 
-    if mode == "graph":
-        if x0.device.type != "cuda":
-            raise NotImplementedError("CUDA graphs need a GPU")
-        step = GraphedStep(grad_step, [x_adv, x0, y])
-        run_step = step.replay
-    elif mode == "compiled":
-        run_step = torch.compile(grad_step)
-    else:
-        run_step = grad_step
+    run_step = torch.compile(grad_step) if compiled else grad_step
 
     def attack():
         with profiling.range("attack"):
@@ -123,23 +132,47 @@ def main() -> None:
 
     def make(case, mode):
         if case.name.startswith("vit"):
-            model = ViT(**vit_cfg).to(device)
-            image = vit_cfg.get("image", 224)
-            shape = (3, image, image)
+            backbone, m = vit_backbone(device, vit_cfg)
         else:
-            model, shape = minibind_image(device)
-        model.eval().requires_grad_(False)
-        x0 = torch.rand(batch, *shape, device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
-        fn = pgd(model, x0, y, args.steps, mode, autocast)
-        fn()  # warm-up / compile / capture outside the timing
+            backbone, m = minibind_backbone(device, args.quick)
+        clf = classifier(backbone, m, device)
+        shape = backbone.spec(m).shape
+        g = torch.Generator().manual_seed(1)
+        x0 = torch.rand(batch, *shape, generator=g).to(device)
+        y = torch.randint(0, 10, (batch,), generator=g).to(device)
+        if mode.startswith("loop"):
+            fn = loop_attack(clf, x0, y, args.steps, mode == "loop_compiled", autocast)
+            fn()  # warm-up / compile outside the timing
+            return fn
+        if mode == "advcal_graph" and not gpu:
+            raise NotImplementedError("CUDA graphs need a GPU")
+        atk = PGD(clf, eps=EPS, alpha=ALPHA, steps=args.steps, cuda_graph=mode == "advcal_graph")
+
+        def fn():
+            with autocast():
+                return atk(x0, y)
+
+        out = fn()  # warm-up (and capture) outside the timing
+        if mode == "advcal_graph":
+            eager = PGD(clf, eps=EPS, alpha=ALPHA, steps=args.steps)
+            with autocast():
+                ref = eager(x0, y)
+            identical[case.name] = bool(torch.equal(out, ref))
         return fn
 
-    arms = {m: (lambda case, m=m: make(case, m)) for m in ("eager", "compiled", "graph")}
+    identical: dict[str, bool] = {}
+    arms = {m: (lambda case, m=m: make(case, m)) for m in ARMS}
     table = Table("attack", device)
     run_sweep(table, cases, arms, phase=f"pgd-{args.steps}")
-    table.print()
     for r in table.results:
+        if r.arm == "advcal_graph" and r.case in identical:
+            r.extra["identical_to_eager"] = identical[r.case]
+    table.print()
+    for case, same in identical.items():
+        print(f"  {case}: graph gives {'identical' if same else 'DIFFERENT'} adversarial examples")
+    for r in table.results:
+        if r.timing is None:
+            continue
         print(
             f"  {r.case}/{r.arm}: {1e3 / r.timing.median_ms:.3g} attacks/s "
             f"({batch * 1e3 / r.timing.median_ms:.3g} examples/s)"

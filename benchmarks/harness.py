@@ -322,14 +322,24 @@ def run_sweep(
     raises ``NotImplementedError(reason)`` to skip). A skipped or failing arm (any exception
     while building, timing or measuring memory: an OOM, a compile error, a kernel that does
     not launch) is recorded with its error string and printed; the sweep goes on."""
+
+    def counts(case: Case) -> dict:
+        """FLOPs/bytes of the case, read after the factory ran (factories may fill in the
+        parameters these counts need); None where they cannot be computed."""
+        out = {}
+        for key, fn in (("flops", flops), ("bytes", nbytes)):
+            try:
+                out[key] = fn(case) if fn else None
+            except (KeyError, TypeError):
+                out[key] = None
+        return out
+
     for case in cases:
         for arm, make in arms.items():
-            common = {
-                "flops": flops(case) if flops else None,
-                "bytes": nbytes(case) if nbytes else None,
-            }
+            common: dict = {"flops": None, "bytes": None}
             try:
                 fn = make(case)
+                common = counts(case)
                 timing = measure(fn, table.device)
                 peak = peak_memory_mb(fn, table.device)
             except NotImplementedError as why:

@@ -9,6 +9,8 @@ scripts' ``--quick --json`` runs; the CI smoke command (~10 s)::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,3 +115,37 @@ def test_bench_script_quick_writes_json(bench, tmp_path):
     assert payload["environment"]["git_sha"] and payload["baselines"] == list(
         bench_head_ce.BASELINES
     )
+
+
+SMOKE = {  # script -> its CPU smoke arguments
+    "bench_pgd_step.py": ["--quick", "--no-compile"],
+    "bench_attack.py": ["--quick", "--steps", "2"],
+    "bench_backbone.py": ["--tiny", "--quick"],
+    "bench_bind_towers.py": ["--tiny", "--threads", "1"],
+    "bench_fps_knn.py": ["--quick"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_every_bench_script_runs_and_writes_json(script, tmp_path):
+    """Each benchmark script's smoke mode runs in a fresh process and writes its JSON (device,
+    versions, results); timings are not checked here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if DEVICE.type == "cuda":
+        pytest.skip("the full sweeps are the GPU run; this is the CPU smoke test")
+    out = tmp_path / "out.json"
+    env = {**os.environ, "ADVCAL_CACHE": str(tmp_path / "cache")}  # never the user's cache
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / script), *SMOKE[script], "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["torch"] and payload["results"], payload.keys()
