@@ -32,7 +32,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML file with RunConfig keys ([calib], [eval])")
     p.add_argument("--backbone", help="backbone name (see `advcal info`)")
     p.add_argument("--checkpoint", help="checkpoint file or directory of a real Bind model")
-    p.add_argument("--data", help="'digits' (embedded) or a dataset file (advcal.data.save)")
+    p.add_argument(
+        "--data",
+        help="'digits' (embedded) or a dataset file (advcal.data.save or save_splits)",
+    )
     p.add_argument(
         "--centers",
         help="multi-center file (from `advcal convert-centers`); default: class-prompt centers",

@@ -2,7 +2,12 @@
 
 A :class:`MultiModalDataset` holds every modality of every sample in memory (the embedded
 ``digits`` set is small); ``save``/``load`` round-trip one through safetensors so a user can
-bring their own data to ``advcal evaluate --data FILE``.
+bring their own data to ``advcal calibrate|evaluate --data FILE``.
+
+Splits of a file: :func:`save_splits` writes a train and a test set into one file (a per-sample
+``split`` tensor); ``load(path, split)`` returns either. A file written by :func:`save` holds no
+split: ``"train"``/``"test"`` then hold out a deterministic stratified quarter of every class
+as the test split (seeded), so calibration never sees the samples it is evaluated on.
 """
 
 from __future__ import annotations
@@ -110,9 +115,33 @@ class MultiModalDataset:
         yield from order.split(batch_size)
 
 
-def save(dataset: MultiModalDataset, path: str | Path) -> None:
-    """Write a dataset to one safetensors file (metadata in its header)."""
+SPLITS = ("train", "test", "all")
+HOLDOUT_FRACTION = 0.25  # test share of each class for files without a split
+
+
+def holdout_split(labels: torch.Tensor, fraction: float = HOLDOUT_FRACTION, seed: int = 0):
+    """``(N,)`` bool, True for the test samples: ``round(fraction * n_c)`` of every class's
+    ``n_c`` samples (at least one when ``n_c >= 2``), chosen by a seeded permutation."""
+    g = torch.Generator().manual_seed(seed)
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, round(fraction * len(idx))) if len(idx) >= 2 else 0
+        is_test[idx[:k]] = True
+    return is_test
+
+
+def save(
+    dataset: MultiModalDataset, path: str | Path, *, split: torch.Tensor | None = None
+) -> None:
+    """Write a dataset to one safetensors file (metadata in its header). ``split``: optional
+    ``(N,)`` bool, True for test samples (see :func:`save_splits`)."""
     tensors = {f"in.{m}": x.contiguous() for m, x in dataset.inputs.items()}
+    if split is not None:
+        if split.shape != (len(dataset),):
+            raise ValueError(f"split must be ({len(dataset)},), got {tuple(split.shape)}")
+        tensors["split"] = split.to(torch.uint8).contiguous()
     tensors["labels"] = dataset.labels.contiguous()
     tensors["ids"] = dataset.ids.contiguous()
     meta = {
@@ -126,8 +155,33 @@ def save(dataset: MultiModalDataset, path: str | Path) -> None:
     tmp.replace(path)
 
 
-def load(path: str | Path) -> MultiModalDataset:
-    """Read a dataset written by :func:`save`."""
+def save_splits(path: str | Path, train: MultiModalDataset, test: MultiModalDataset) -> None:
+    """Write a train and a test set (same modalities and classes) into one file."""
+    if set(train.inputs) != set(test.inputs) or train.class_names != test.class_names:
+        raise ValueError(
+            "train and test must share modalities and class names; got "
+            f"{sorted(train.inputs)} / {list(train.class_names)} and "
+            f"{sorted(test.inputs)} / {list(test.class_names)}"
+        )
+    both = MultiModalDataset(
+        {m: torch.cat([train.inputs[m], test.inputs[m]]) for m in train.inputs},
+        torch.cat([train.labels, test.labels]),
+        train.class_names,
+        torch.cat([train.ids, test.ids]),
+        train.name,
+        train.templates,
+    )
+    split = torch.cat(
+        [torch.zeros(len(train), dtype=torch.bool), torch.ones(len(test), dtype=torch.bool)]
+    )
+    save(both, path, split=split)
+
+
+def load(path: str | Path, split: str = "all") -> MultiModalDataset:
+    """Read a dataset written by :func:`save` or :func:`save_splits`; ``split`` selects
+    ``"train"``, ``"test"`` or ``"all"`` (see the module docstring for files without one)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     from safetensors import safe_open
 
     path = Path(path)
@@ -145,7 +199,7 @@ def load(path: str | Path) -> MultiModalDataset:
             "(no 'labels' tensor or 'class_names' metadata)"
         )
     inputs = {k[3:]: v for k, v in tensors.items() if k.startswith("in.")}
-    return MultiModalDataset(
+    ds = MultiModalDataset(
         inputs,
         tensors["labels"],
         tuple(json.loads(meta["class_names"])),
@@ -153,15 +207,27 @@ def load(path: str | Path) -> MultiModalDataset:
         meta.get("name", path.stem),
         tuple(json.loads(meta.get("templates", "[]"))),
     )
+    if split == "all":
+        return ds
+    is_test = tensors["split"].bool() if "split" in tensors else holdout_split(ds.labels)
+    keep = is_test if split == "test" else ~is_test
+    if not keep.any():
+        raise ValueError(f"{path} has no {split!r} samples")
+    out = ds.subset(keep.nonzero().squeeze(1))
+    out.name = f"{ds.name}-{split}"
+    return out
 
 
 def load_dataset(name_or_path: str | Path, split: str = "test", **kwargs) -> MultiModalDataset:
-    """``"digits"`` (the embedded set) or a path to a file written by :func:`save`."""
+    """``"digits"`` (the embedded set) or a path to a file written by :func:`save` /
+    :func:`save_splits`, its ``split`` (``"train"``, ``"test"`` or ``"all"``)."""
     if str(name_or_path) == "digits":
         from advcal.data.digits import digits
 
         return digits(split=split, **kwargs)
-    return load(name_or_path)
+    if kwargs:
+        raise ValueError(f"dataset files take no options, got {sorted(kwargs)}")
+    return load(name_or_path, split)
 
 
-__all__ = ["MultiModalDataset", "load", "load_dataset", "save"]
+__all__ = ["MultiModalDataset", "holdout_split", "load", "load_dataset", "save", "save_splits"]
