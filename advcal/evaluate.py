@@ -3,12 +3,12 @@
 Per modality, on the evaluation split:
 
 * clean top-1 / top-5 of ``normalize(head(backbone(x))) @ C^T``;
-* robust top-1 / top-5 under every evaluation attack (PGD-``steps`` with ``restarts`` on the
-  cross-entropy, CrossMaxim-``steps`` on ``-cos(z, c_y)``), adaptive through backbone and head,
-  taking the per-sample worst case over the attacks (a sample is robust only if every attack
-  fails on it);
-* an eps sweep (PGD-``sweep_steps``), the training-strength attack (PGD-``weak_steps``) and a
-  large-eps attack, which feed the sanity checks below.
+* robust top-1 / top-5 under every evaluation attack (PGD-``steps`` on the cross-entropy,
+  CrossMaxim-``steps`` on ``-cos(z, c_y)``, each with its ``restarts``), adaptive through
+  backbone and head, taking the per-sample worst case over the attacks (a sample is robust
+  only if every attack fails on it);
+* an eps sweep (PGD-``sweep_steps``), the same attacks at training strength (``weak_attacks``,
+  ``weak_steps`` steps each, worst case) and a large-eps attack, which feed the sanity checks.
 
 Sanity checks (every report shows them; a failed one is shown, never hidden):
 
@@ -16,9 +16,11 @@ Sanity checks (every report shows them; a failed one is shown, never hidden):
 * ``monotone_in_eps``: robust top-1 does not rise with eps (beyond ``noise``).
 * ``large_eps_breaks``: at ``large_eps_multiplier`` x eps the attack succeeds on all but
   ``large_eps_max_acc`` of the samples.
-* ``more_steps_not_higher``: the strong attacks find at least what the training attack finds.
-* ``no_gradient_masking``: the strong attacks do not find much more than the training attack
-  (a gap above ``masking_gap`` points means the head hides gradients, not robustness).
+* ``more_steps_not_higher``: the full protocol finds at least what the training-strength
+  attacks find.
+* ``no_gradient_masking``: the full protocol does not find much more than the
+  training-strength attacks (a gap above ``masking_gap`` means the model hides its gradients
+  from short attacks: apparent robustness, not robustness).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from advcal import distributed as dist
-from advcal.attacks import ATTACKS, PGD, ZeroShotClassifier
+from advcal.attacks import ATTACKS, PGD, Attack, ZeroShotClassifier
 from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split
 from advcal.data import MultiModalDataset
@@ -45,13 +47,16 @@ class EvalConfig:
 
     attacks: tuple[str, ...] = ("pgd", "crossmaxim")
     steps: int = 50
-    restarts: int = 2
+    restarts: int | tuple[int, ...] = (2, 1)  # one for all attacks, or one per attack
     alpha_ratio: float = 0.1
     eps_scale: float = 1.0  # evaluate at eps_scale x each modality's default eps
     sweep: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # multiples of the modality's eps
-    sweep_steps: int = 20
-    weak_steps: int = 10  # the training attack, for the gradient-masking check
-    weak_alpha_ratio: float = 0.25
+    sweep_steps: int = 10  # the sweep and the large-eps attack: PGD at the training strength
+    # the evaluation attacks at training strength (PGD-10, step eps/2: CalibConfig's attack),
+    # per-sample worst case: the gradient-masking check compares the full protocol against it
+    weak_attacks: tuple[str, ...] = ("pgd", "crossmaxim")
+    weak_steps: int = 10
+    weak_alpha_ratio: float = 0.5
     large_eps_multiplier: float = 16.0
     large_eps_max_acc: float = 0.05
     noise: float = 0.01  # allowed slack (fraction) for the monotonicity checks
@@ -63,12 +68,27 @@ class EvalConfig:
     cuda_graph: bool = False  # capture every attack step in a CUDA graph (GPU only)
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.attacks if a not in ATTACKS]
-        if unknown or not self.attacks:
-            raise ValueError(f"unknown attacks {unknown}; choose from {sorted(ATTACKS)}")
-        if self.steps < 1 or self.restarts < 1 or self.batch_size < 1:
-            raise ValueError("EvalConfig needs steps, restarts and batch_size >= 1")
+        for name in ("attacks", "weak_attacks"):
+            names = tuple(getattr(self, name))
+            unknown = [a for a in names if a not in ATTACKS]
+            if unknown or not names:
+                raise ValueError(
+                    f"EvalConfig.{name}: unknown attacks {unknown}; choose from {sorted(ATTACKS)}"
+                )
+            object.__setattr__(self, name, names)
         object.__setattr__(self, "attacks", tuple(self.attacks))
+        restarts = self.restarts
+        if isinstance(restarts, int):
+            restarts = (restarts,) * len(self.attacks)
+        restarts = tuple(int(r) for r in restarts)
+        if len(restarts) != len(self.attacks):
+            raise ValueError(
+                f"EvalConfig.restarts: {len(restarts)} values for {len(self.attacks)} attacks "
+                f"{self.attacks}; give one int, or one per attack"
+            )
+        object.__setattr__(self, "restarts", restarts)
+        if self.steps < 1 or min(restarts) < 1 or self.batch_size < 1:
+            raise ValueError("EvalConfig needs steps, restarts and batch_size >= 1")
         object.__setattr__(self, "sweep", tuple(float(s) for s in self.sweep))
 
     def as_dict(self) -> dict:
@@ -209,7 +229,10 @@ def evaluate(
         add("robust_top5", worst5)
         embeds["adv"].setdefault(m, []).append(model.logits_and_embed(worst_x)[1])
 
-        add("weak_top1", top1(suite.weak(x, y)))
+        weak = torch.ones_like(y, dtype=torch.bool)
+        for atk in suite.weak:
+            weak &= top1(atk(x, y))
+        add("weak_top1", weak)
         for mult, atk in suite.sweep.items():
             # the full evaluation at the evaluation eps; a PGD-sweep_steps attack elsewhere
             add(f"sweep_{mult:g}", worst1 if atk is None else top1(atk(x, y)))
@@ -253,7 +276,7 @@ class _Suite:
                 clf,
                 eps=eps,
                 steps=cfg.steps,
-                restarts=cfg.restarts,
+                restarts=cfg.restarts[i],
                 alpha_ratio=cfg.alpha_ratio,
                 seed=cfg.seed + i,
                 cuda_graph=graph,
@@ -261,8 +284,8 @@ class _Suite:
             for i, name in enumerate(cfg.attacks)
         }
 
-        def pgd(eps: float, steps: int, seed: int) -> PGD:
-            return PGD(
+        def pgd(eps: float, steps: int, seed: int, cls=PGD) -> Attack:
+            return cls(
                 clf,
                 eps=eps,
                 steps=steps,
@@ -271,7 +294,10 @@ class _Suite:
                 cuda_graph=graph,
             )
 
-        self.weak = pgd(eps, cfg.weak_steps, cfg.seed + 100)  # the training attack
+        self.weak = [  # the training-strength attacks
+            pgd(eps, cfg.weak_steps, cfg.seed + 100 + i, ATTACKS[name])
+            for i, name in enumerate(cfg.weak_attacks)
+        ]
         self.sweep: dict[float, PGD | None] = {
             mult: None
             if abs(mult - cfg.eps_scale) < 1e-9

@@ -85,7 +85,7 @@ class Objective:
     ce: float = 1.0
     l2: float = 1.0
     infonce: float = 0.5
-    consistency: float = 0.0
+    consistency: float = 0.5
     tau: float = 0.07
 
     def __post_init__(self) -> None:

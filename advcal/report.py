@@ -117,6 +117,18 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _protocol(ev: dict) -> str:
+    """``pgd-50 x 2 restarts, crossmaxim-50 x 1 restart (step 0.1·eps)``."""
+    restarts = ev["restarts"]
+    if isinstance(restarts, int):
+        restarts = [restarts] * len(ev["attacks"])
+    parts = [
+        f"{a}-{ev['steps']} x {r} restart{'s' if r != 1 else ''}"
+        for a, r in zip(ev["attacks"], restarts, strict=True)
+    ]
+    return ", ".join(parts) + f" (step {ev['alpha_ratio']:g}·eps)"
+
+
 def markdown(report: dict) -> str:
     cfg = report["config"]
     ev = cfg["eval"]
@@ -125,8 +137,8 @@ def markdown(report: dict) -> str:
         f"# advcal report: {report['backbone']} on {report['dataset']}",
         "",
         "Top-1 accuracy (%) on the evaluation split. Robust = per-sample worst case over "
-        f"{', '.join(ev['attacks'])} ({ev['steps']} steps, {ev['restarts']} restarts, "
-        f"step {ev['alpha_ratio']:g}·eps), adaptive through backbone and head.",
+        + _protocol(ev)
+        + ", adaptive through backbone and head.",
         "",
         table(report),
         "",

@@ -18,7 +18,7 @@ audio      (2048,)           [-1, 1]      8 kHz DTMF tone pair of the digit, qui
                                           0.05..0.1), enveloped by the glyph's row profile
 depth      (1, 32, 32)       [0, 1]       glyph relief on a tilted plane (near = bright)
 thermal    (1, 32, 32)       [0, 1]       blurred glyph heat on an ambient gradient
-point      (256, 3)          ~[-1, 1]     points on the glyph's strokes, extruded in z
+point      (128, 3)          ~[-1, 1]     points on the glyph's strokes, extruded in z
 event      (2, 32, 32)       [0, 1]       ON/OFF polarity counts of the moving glyph,
                                           normalised by the per-sample maximum
 =========  ================  ===========  =================================================
@@ -51,7 +51,7 @@ VIDEO_FRAMES = 4  # T of `video`
 EVENT_STEPS = 8  # sub-frames the event sensor integrates over (same trajectory as `video`)
 AUDIO_RATE = 8000  # Hz
 AUDIO_LEN = 2048  # samples (0.256 s)
-NUM_POINTS = 256
+NUM_POINTS = 128
 # DTMF keypad: digit -> (row tone, column tone) in Hz; 0 sits on the bottom row, middle column.
 DTMF = {
     0: (941, 1336),
