@@ -94,3 +94,14 @@ def test_cuda_graph_calibration_equals_eager(toy):
         fits.append(cal.fit(ds, progress=False).state_dict())
     for k, v in fits[0].items():
         assert torch.equal(v, fits[1][k]), k
+
+
+def test_alternating_training_attack_uses_both(toy):
+    bb, centers, ds = toy
+    cfg = dataclasses.replace(CFG, epochs=1, attack="alternate")
+    cal = Calibrator(bb, centers, ["img"], cfg)
+    assert [a.name for a in cal._attacks()] == ["pgd", "crossmaxim"]
+    heads = cal.fit(ds, progress=False)
+    assert any(p.abs().sum() > 0 for p in heads.parameters())
+    with pytest.raises(ValueError, match=r"CalibConfig\.attack must be one of"):
+        CalibConfig(attack="fgsm")

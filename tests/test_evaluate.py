@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import Toy
 
 from advcal.evaluate import EvalConfig, evaluate, recall_at_k, sanity_checks, topk_correct
 
@@ -67,3 +68,30 @@ def test_evaluate_bad_inputs(toy):
         evaluate(bb, ds, centers, modalities=["audio"], progress=False)
     with pytest.raises(ValueError, match="centers must be"):
         evaluate(bb, ds, torch.randn(4, 3), progress=False)
+
+
+def test_protocol_config_per_attack_restarts_and_weak_attacks():
+    cfg = EvalConfig(restarts=(2, 1))
+    assert cfg.restarts == (2, 1) and EvalConfig(restarts=3).restarts == (3, 3)
+    with pytest.raises(ValueError, match="2 values for 1 attacks"):
+        EvalConfig(attacks=("pgd",), restarts=(2, 1))
+    with pytest.raises(ValueError, match="restarts"):
+        EvalConfig(restarts=(2, 0))
+    with pytest.raises(ValueError, match="weak_attacks: unknown attacks"):
+        EvalConfig(weak_attacks=("pgd", "fgsm"))
+    with pytest.raises(ValueError, match=r"cuda_graph=True\) needs a CUDA device"):
+        bb, c, ds = Toy.build()
+        evaluate(bb, ds, c, None, config=EvalConfig(cuda_graph=True), progress=False)
+
+
+def test_weak_top1_is_the_worst_case_of_the_training_strength_attacks(toy):
+    """weak_top1 with both attacks <= with either alone (same seeds, per-sample AND)."""
+    bb, centers, ds = toy
+    ds = ds.select(["vec"])
+    base = {"steps": 3, "restarts": 1, "sweep_steps": 2, "weak_steps": 3, "retrieval": False}
+    both = evaluate(bb, ds, centers, config=EvalConfig(**base), progress=False)
+    pgd_only = evaluate(
+        bb, ds, centers, config=EvalConfig(**base, weak_attacks=("pgd",)), progress=False
+    )
+    w_both = both["modalities"]["vec"]["weak_top1"]
+    assert w_both <= pgd_only["modalities"]["vec"]["weak_top1"]
