@@ -76,6 +76,13 @@ def build(
     }
 
 
+def _eps(eps: float, space: str) -> str:
+    """``4/255`` for unit-range inputs (pixels, waveforms), else the number in input units."""
+    if space in ("pixels", "waveform") and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:.4g}"
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -92,7 +99,7 @@ def table(report: dict) -> str:
     ]
     mods = report["modalities"]
     for m, r in mods.items():
-        eps = f"{r['eps']:.4g} ({r['norm']}, {r['space']})"
+        eps = _eps(r["eps"], r["space"]) + f" ({r['norm']}, {r['space']})"
         lines.append(
             f"| {m} | {eps} | {_pct(r['clean_top1_before'])} | {_pct(r['clean_top1_after'])} | "
             f"{_pct(r['robust_top1_before'])} | {_pct(r['robust_top1_after'])} | "
@@ -201,14 +208,18 @@ def plot(report: dict, path: Path) -> bool:
     rows = (len(mods) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, (m, r) in zip(axes.flat, mods.items(), strict=False):
+        # pixels and waveforms live in unit-width ranges: eps reads best in 1/255 steps
+        scale, unit = (255.0, " (x/255)") if r["space"] in ("pixels", "waveform") else (1.0, "")
         for when, style in (("before", "--o"), ("after", "-o")):
             sweep = r["sweep"][when]
             if not sweep:
                 continue
             eps = sorted(sweep, key=float)
-            ax.plot([float(e) for e in eps], [100 * sweep[e] for e in eps], style, label=when)
+            xs = [float(e) * scale for e in eps]
+            ax.plot(xs, [100 * sweep[e] for e in eps], style, label=when)
+        ax.axvline(r["eps"] * scale, color="grey", lw=0.8, ls=":")  # the evaluation eps
         ax.set_title(f"{m} ({r['norm']}, {r['space']})", fontsize=9)
-        ax.set_xlabel("eps", fontsize=8)
+        ax.set_xlabel("eps" + unit, fontsize=8)
         ax.set_ylabel("robust top-1 (%)", fontsize=8)
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
