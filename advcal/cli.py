@@ -22,7 +22,13 @@ def _demo_config(quick: bool):
                 "train_limit": 256,
                 "test_limit": 96,
                 "calib": {"epochs": 1, "attack_steps": 3},
-                "eval": {"steps": 5, "restarts": 1, "sweep_steps": 3, "weak_steps": 2},
+                "eval": {
+                    "steps": 5,
+                    "restarts": 1,
+                    "alpha_ratio": 0.5,
+                    "sweep_steps": 3,
+                    "weak_steps": 3,
+                },
             }
         )
     return cfg
@@ -103,6 +109,11 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     rep = run(_demo_config(args.quick), out, resume=args.resume, progress=not args.no_progress)
     _print_summary(rep, out, time.perf_counter() - t0)
+    if args.quick:
+        print(
+            "(--quick: a smoke run on a subset with 3- and 5-step attacks; its numbers and "
+            "sanity checks are not a result: run `advcal demo` for those)"
+        )
     return 0
 
 

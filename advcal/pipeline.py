@@ -42,7 +42,7 @@ class RunConfig:
     nearest center."""
 
     backbone: str = "minibind"
-    checkpoint: str | None = None
+    checkpoint: str | list[str] | None = None  # a file or folder; UniBind: several files
     backbone_kwargs: dict = field(default_factory=dict)
     data: str = "digits"
     centers: str | None = None  # a multi-center file (advcal convert-centers); None: prompts
