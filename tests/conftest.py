@@ -22,6 +22,35 @@ def fixtures_dir() -> Path | None:
     return path if path.is_dir() else None
 
 
+def fixture_stems(family: str) -> list[Path]:
+    """Every parity set of ``family`` in the fixture folder: ``<family>_tiny_<set>`` with its
+    ``.safetensors`` and ``.json`` sidecar (set A here; hidden set B has other tiny sizes), so
+    no test assumes one set's name or sizes. Empty when the folder is absent."""
+    folder = fixtures_dir()
+    if folder is None:
+        return []
+    found = folder.glob(f"{family}_tiny_*.safetensors")
+    return sorted(p.with_suffix("") for p in found if p.with_suffix(".json").is_file())
+
+
+def parity_params(family: str) -> dict:
+    """``@pytest.fixture(scope="module", **parity_params(family))``: one run per parity set
+    (a single skipped run when there is none)."""
+    return {"params": fixture_stems(family) or [None], "ids": lambda p: p.name if p else "absent"}
+
+
+def load_parity_set(stem: Path | None, family: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(sidecar json, every tensor of the set); skips with the reason when there is none."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if stem is None:
+        pytest.skip(f"no {family}_tiny_* parity fixture ($ADVCAL_FIXTURES or ../shared/fixtures)")
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    return meta, load_file(str(stem.with_suffix(".safetensors")))
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

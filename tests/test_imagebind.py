@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import fixtures_dir
+from conftest import fixtures_dir, load_parity_set, parity_params
 from tolerances import FP32, PARITY_ATOL, assert_close_to_ref
 
 from advcal import backbones
@@ -33,16 +32,6 @@ FIX = fixtures_dir()
 needs_fixtures = pytest.mark.skipif(FIX is None, reason="fixture folder not found")
 
 
-def fixture_stems(family: str) -> list[Path]:
-    """Every parity set of ``family`` in the fixture folder: ``<family>_tiny_<set>`` with its
-    ``.safetensors`` and ``.json`` sidecar (set A here; hidden set B has other tiny sizes), so
-    no test assumes one set's name or sizes. Empty when the folder is absent."""
-    if FIX is None:
-        return []
-    found = FIX.glob(f"{family}_tiny_*.safetensors")
-    return sorted(p.with_suffix("") for p in found if p.with_suffix(".json").is_file())
-
-
 # fixture input name -> official modality it is fed under
 FIXTURE_INPUTS = {
     "vision": "vision",
@@ -55,20 +44,10 @@ FIXTURE_INPUTS = {
 }
 
 
-@pytest.fixture(
-    scope="module",
-    params=fixture_stems("imagebind") or [None],
-    ids=lambda p: p.name if p else "absent",
-)
+@pytest.fixture(scope="module", **parity_params("imagebind"))
 def tiny_set(request):
     """(sidecar json, all fixture tensors, model loaded with the official params), per set."""
-    if request.param is None:
-        pytest.skip("no imagebind_tiny_* fixture ($ADVCAL_FIXTURES or ../shared/fixtures)")
-    from safetensors.torch import load_file
-
-    stem = request.param
-    meta = json.loads(stem.with_suffix(".json").read_text())
-    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    meta, tensors = load_parity_set(request.param, "imagebind")
     params = {k[len("param.") :]: v for k, v in tensors.items() if k.startswith("param.")}
     model = build_model(meta["constructor_kwargs"], params)
     return meta, tensors, model

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fixtures_dir
-from test_imagebind import fixture_stems  # every tiny set in the fixture folder
+from conftest import fixture_stems, fixtures_dir, load_parity_set, parity_params
 from tolerances import FP32, PARITY_ATOL
 
 from advcal.backbones import languagebind as lb
@@ -27,15 +26,9 @@ needs_fixture = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", params=STEMS or [None], ids=lambda p: p.name if p else "absent")
+@pytest.fixture(scope="module", **parity_params("languagebind"))
 def fx(request) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    if request.param is None:
-        pytest.skip("no languagebind_tiny_* fixture")
-    stem = request.param
-    meta = json.loads(stem.with_suffix(".json").read_text())
-    return meta, load_file(str(stem.with_suffix(".safetensors")))
+    return load_parity_set(request.param, "languagebind")
 
 
 def tower_state_dict(tensors: dict[str, torch.Tensor], tower: str) -> dict[str, torch.Tensor]:

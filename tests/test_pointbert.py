@@ -8,8 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import fixtures_dir
-from test_imagebind import fixture_stems  # every tiny set in the fixture folder
+from conftest import fixture_stems, fixtures_dir, load_parity_set, parity_params
 from tolerances import PARITY_ATOL
 
 from advcal.backbones import pointbert as pb
@@ -25,15 +24,9 @@ needs_fixture = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", params=STEMS or [None], ids=lambda p: p.name if p else "absent")
+@pytest.fixture(scope="module", **parity_params("pointbind_pointbert"))
 def fx(request) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    if request.param is None:
-        pytest.skip("no pointbind_pointbert_tiny_* fixture")
-    stem = request.param
-    meta = json.loads(stem.with_suffix(".json").read_text())
-    return meta, load_file(str(stem.with_suffix(".safetensors")))
+    return load_parity_set(request.param, "pointbind_pointbert")
 
 
 def recorded_starts(meta: dict, n_points: int, batch: int) -> torch.Tensor:

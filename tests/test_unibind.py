@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fixtures_dir
+from conftest import fixture_stems, fixtures_dir, load_parity_set, parity_params
 from safetensors.torch import save_file
-from test_imagebind import fixture_stems  # every tiny set in the fixture folder
 from test_pointbert import recorded_starts  # the sidecar's FPS starts, seed-checked
 from tolerances import FP32, PARITY_ATOL
 
@@ -40,15 +39,9 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.fixture(scope="module", params=PB_STEMS or [None], ids=lambda p: p.name if p else "absent")
+@pytest.fixture(scope="module", **parity_params("pointbind_pointbert"))
 def pbfx(request) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    if request.param is None:
-        pytest.skip("no pointbind_pointbert_tiny_* fixture ($ADVCAL_FIXTURES)")
-    stem = request.param
-    meta = json.loads(stem.with_suffix(".json").read_text())
-    return meta, load_file(str(stem.with_suffix(".safetensors")))
+    return load_parity_set(request.param, "pointbind_pointbert")
 
 
 @pytest.fixture(scope="module")
