@@ -20,10 +20,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from advcal.data.protocol import Batch, DatasetInfo, SampleSource, collate, fingerprint
 
-@dataclass
-class MultiModalDataset:
-    """``inputs[m][i]`` is sample ``i`` of modality ``m``; all modalities share the index.
+
+@dataclass(eq=False)
+class MultiModalDataset(SampleSource):
+    """In-memory paired tensors: ``inputs[m][i]`` is sample ``i`` of modality ``m``; all
+    modalities share the index. A :class:`~advcal.data.protocol.SampleSource` like every other
+    source (``ds[i]`` is a sample dict, ``ds.info`` its metadata), for small sets (the embedded
+    ``digits``) and for tests.
 
     Attributes:
         inputs: modality -> tensor ``(N, *spec.shape)`` in the modality's valid range.
@@ -33,6 +38,8 @@ class MultiModalDataset:
             (retrieval ground truth). Defaults to ``arange(N)``.
         name: a label for reports.
         templates: prompt templates for the text centers (``"a drawing of the digit {}."``).
+        split: which split this is, for reports.
+        source: where it came from (``"digits"``, a file path), for reports.
     """
 
     inputs: dict[str, torch.Tensor]
@@ -41,6 +48,8 @@ class MultiModalDataset:
     ids: torch.Tensor | None = None
     name: str = "dataset"
     templates: tuple[str, ...] = field(default_factory=tuple)
+    split: str = "all"
+    source: str = ""
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -71,6 +80,29 @@ class MultiModalDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        return {m: x[i] for m, x in self.inputs.items()}
+
+    @property
+    def info(self) -> DatasetInfo:
+        """Metadata; the fingerprint hashes the tensors' bytes (computed once)."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for t in (*(self.inputs[m] for m in sorted(self.inputs)), self.labels, self.ids):
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return DatasetInfo(
+            name=self.name,
+            source=self.source or self.name,
+            split=self.split,
+            modalities=self.modalities,
+            class_names=self.class_names,
+            templates=self.templates,
+            fingerprint=self._fingerprint,
+        )
+
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(self.inputs)
@@ -88,6 +120,8 @@ class MultiModalDataset:
             self.ids[index],
             self.name,
             self.templates,
+            self.split,
+            self.source,
         )
 
     def select(self, modalities: Sequence[str]) -> MultiModalDataset:
@@ -103,6 +137,8 @@ class MultiModalDataset:
             self.ids,
             self.name,
             self.templates,
+            self.split,
+            self.source,
         )
 
     def batches(
@@ -215,6 +251,7 @@ def load(path: str | Path, split: str = "all") -> MultiModalDataset:
         raise ValueError(f"{path} has no {split!r} samples")
     out = ds.subset(keep.nonzero().squeeze(1))
     out.name = f"{ds.name}-{split}"
+    out.split, out.source = split, str(path)
     return out
 
 
@@ -230,4 +267,16 @@ def load_dataset(name_or_path: str | Path, split: str = "test", **kwargs) -> Mul
     return load(name_or_path, split)
 
 
-__all__ = ["MultiModalDataset", "holdout_split", "load", "load_dataset", "save", "save_splits"]
+__all__ = [
+    "Batch",
+    "DatasetInfo",
+    "MultiModalDataset",
+    "SampleSource",
+    "collate",
+    "fingerprint",
+    "holdout_split",
+    "load",
+    "load_dataset",
+    "save",
+    "save_splits",
+]

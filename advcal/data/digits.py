@@ -255,6 +255,8 @@ def digits(
         index.clone(),
         name=f"digits-{split}",
         templates=TEMPLATES,
+        split=split,
+        source="digits",
     )
 
 
