@@ -14,11 +14,13 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
-# every advcal.* package with an __init__.py, the data folder of the tokenizer vocabulary, and
+# every advcal.* package with an __init__.py, the data folders of the tokenizer vocabulary and
+# of the benchmarks' class names and templates, and
 # kernels/ installed as advcal.kernels (tests/test_packaging.py checks the list is complete)
 PACKAGES = [
     *find_packages(include=["advcal", "advcal.*"]),
     "advcal.backbones.assets",
+    "advcal.data.assets",
     "advcal.kernels",
 ]
 PACKAGE_DIR = {"advcal": "advcal", "advcal.kernels": "kernels"}
@@ -77,7 +79,11 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"advcal": ["py.typed"], "advcal.backbones.assets": ["*.gz", "*.txt"]},
+    package_data={
+        "advcal": ["py.typed"],
+        "advcal.backbones.assets": ["*.gz", "*.txt"],
+        "advcal.data.assets": ["*.txt", "*.json"],  # ImageNet wnids/names, prompt templates
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -54,5 +54,8 @@ def test_wheel_holds_package_data(wheel_names):
         "advcal/py.typed",
         "advcal/backbones/assets/bpe_simple_vocab_16e6.txt.gz",
         "advcal/backbones/assets/LICENSE.clip_bpe_vocab.txt",
+        "advcal/data/assets/imagenet_wnids.txt",
+        "advcal/data/assets/imagenet_classnames.txt",
+        "advcal/data/assets/templates.json",
     ):
         assert name in wheel_names, f"{name} is not in the wheel"

@@ -1,7 +1,8 @@
 """Backbones: the frozen encoders advcal calibrates.
 
-``load(name, checkpoint=None, device=None)`` builds a registered backbone; ``wrap(...)`` turns a
-user's own encoders into one. Registered names import their module lazily, so optional
+``load(name, checkpoint=None, device=None)`` builds a registered backbone;
+``load_with_transforms(...)`` also returns its per-modality data transforms; ``wrap(...)`` turns
+a user's own encoders into one. Registered names import their module lazily, so optional
 dependencies are only needed for the backbone actually used.
 """
 
@@ -66,6 +67,19 @@ def load(
     return backbone
 
 
+def load_with_transforms(
+    name: str,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+    **kwargs,
+) -> tuple[Backbone, dict[str, Callable]]:
+    """``(backbone, transforms)``: :func:`load` plus the backbone's per-modality transforms
+    (:meth:`Backbone.transforms`: decoded file -> valid-range input), as open_clip's
+    ``create_model_and_transforms``; pass them to ``advcal.data.open(..., transforms=)``."""
+    backbone = load(name, checkpoint, device, **kwargs)
+    return backbone, backbone.transforms()
+
+
 def wrap(
     encoders: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     specs: Mapping[str, InputSpec],
@@ -77,4 +91,4 @@ def wrap(
     return WrappedBackbone(encoders, specs, embed_dim, text_encoder)
 
 
-__all__ = ["Backbone", "InputSpec", "available", "load", "wrap"]
+__all__ = ["Backbone", "InputSpec", "available", "load", "load_with_transforms", "wrap"]

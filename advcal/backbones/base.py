@@ -83,6 +83,14 @@ class Backbone(nn.Module):
         ships none (the head then starts at the identity)."""
         return None
 
+    def transforms(self) -> dict[str, Callable]:
+        """Per-modality transforms from a decoded file (:mod:`advcal.data.decode`) to the
+        valid-range tensor :meth:`encode` takes, reproducing the model's official
+        preprocessing up to the attack space (open_clip's ``create_model_and_transforms``
+        style; see :mod:`advcal.data.transforms`). Empty by default: a backbone without a
+        recipe (a wrapped one) takes tensors already in its layout."""
+        return {}
+
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """Embed text prompts, ``(N, embed_dim)``."""
         raise NotImplementedError(

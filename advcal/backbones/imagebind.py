@@ -900,6 +900,21 @@ class ImageBindBackbone(Backbone):
         ids = self.tokenize(prompts).to(self.pixel_mean.device)
         return self.model.encode(TEXT, ids)
 
+    def transforms(self) -> dict[str, Any]:
+        """ImageBind's official loaders up to this backbone's inputs (DATA.md §1.1, see
+        :func:`advcal.data.transforms.imagebind_transforms`): image 224 bicubic + crop;
+        video 5 clips x ``video_frames`` frames x 3 crops; audio 16 kHz cut to the official
+        clip-sampler span of ``audio_clips`` clips; depth disparity; thermal grey."""
+        from advcal.data.transforms import imagebind_transforms
+
+        t = imagebind_transforms(
+            self.config.image_size,
+            audio_clips=self.audio_clips,
+            audio_clip_seconds=self.audio_clip_samples / 16000,
+            video_frames_per_clip=self.config.video_frames,
+        )
+        return {m: f for m, f in t.items() if m in self.modalities}
+
 
 def _as_config(config: ImageBindConfig | Mapping[str, Any] | None) -> ImageBindConfig:
     if config is None:

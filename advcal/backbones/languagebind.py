@@ -838,6 +838,27 @@ class LanguageBindBackbone(Backbone):
         mask = (torch.arange(ids.shape[1]).unsqueeze(0) <= eot).to(torch.int64)
         return ids, mask
 
+    def transforms(self) -> dict[str, Any]:
+        """LanguageBind's preprocessing up to each tower's input (DATA.md §1.2, see
+        :func:`advcal.data.transforms.languagebind_transforms`); the audio transform tiles to
+        this backbone's waveform length (none with ``audio_input="fbank"``)."""
+        from advcal.data.transforms import languagebind_transforms
+
+        out: dict[str, Any] = {}
+        for t, model in self.towers.items():
+            vc = model.config.vision_config
+            assert isinstance(vc, LanguageBindVisionConfig)
+            if t == "audio" and self.audio_input != "waveform":
+                continue
+            samples = self.spec("audio").shape[0] if t == "audio" else None
+            out[t] = languagebind_transforms(
+                vc.image_size,
+                num_frames=vc.num_frames,
+                audio_samples=samples,
+                max_depth=vc.max_depth,
+            )[t]
+        return out
+
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         model = next(iter(self.towers.values()))
         ids, mask = self.tokenize(prompts)

@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -327,6 +328,24 @@ class MiniBind(Backbone):
 
     def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         return self.encoders[modality](x)
+
+    def transforms(self) -> dict[str, Any]:
+        """Files -> the ``digits`` layouts of :func:`specs` (32 x 32 images, ``frames`` video
+        frames, 8 kHz audio of ``audio_len`` samples, FPS points, ON/OFF event counts), so
+        minibind runs on a folder of images, sounds, clips or clouds
+        (:func:`advcal.data.transforms.minibind_transforms`)."""
+        from advcal.data.transforms import minibind_transforms
+
+        def dim(m: str, i: int, default: int) -> int:
+            return self.spec(m).shape[i] if m in self.modalities else default
+
+        return minibind_transforms(
+            dim("image", -1, 32),
+            frames=dim("video", 0, 4),
+            audio_len=dim("audio", 0, 2048),
+            num_points=dim("point", 0, 128),
+            modalities=self.modalities,
+        )
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.text(prompts)

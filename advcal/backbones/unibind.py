@@ -272,6 +272,20 @@ class UniBindBackbone(Backbone):
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         return F.normalize(self.image_bb.encode_text(prompts), dim=-1)
 
+    def transforms(self) -> dict[str, Any]:
+        """UniBind's loaders (DATA.md §1.3, :func:`advcal.data.transforms.unibind_transforms`):
+        ImageBind's for image/video/audio/thermal, EventBind-rendered frames through the
+        vision recipe for event, Point-Bind's FPS + ``pc_normalize`` for point (8192 points
+        unless the spec fixes a count)."""
+        from advcal.data.transforms import EventTransform, pointbind_point_transform
+
+        t = {m: f for m, f in self.image_bb.transforms().items() if m in self.modalities}
+        t["event"] = EventTransform(self.spec("event").shape[-1], layout="eventbind")
+        if "point" in self.modalities:
+            n = self.spec("point").shape[0]
+            t["point"] = pointbind_point_transform(8192 if n == -1 else n)
+        return t
+
 
 def events_to_frame(
     events: torch.Tensor, height: int, width: int, *, size: int | None = None

@@ -267,6 +267,9 @@ def load_dataset(name_or_path: str | Path, split: str = "test", **kwargs) -> Mul
     return load(name_or_path, split)
 
 
+# the streamed sources (advcal.data.sources) build on the in-memory API above: imported last
+from advcal.data.sources import open  # noqa: E402
+
 __all__ = [
     "Batch",
     "DatasetInfo",
@@ -277,6 +280,7 @@ __all__ = [
     "holdout_split",
     "load",
     "load_dataset",
+    "open",
     "save",
     "save_splits",
 ]

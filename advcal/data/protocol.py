@@ -14,6 +14,14 @@ position in this dataset (what the clean-embedding cache is keyed by).
 Calibration and evaluation read :class:`Batch` es from a ``DataLoader(ds, collate_fn=collate)``.
 Nothing on those paths holds a whole split in memory.
 
+Unreadable files: a source opened with ``skip_bad=True`` returns a *skipped item*
+(``inputs`` None, ``skipped`` the reason) for a file it cannot decode instead of raising;
+:func:`collate` drops skipped items and lists their dataset indices in ``Batch.skipped``.
+The count a consumer reports is ``sum(len(b.skipped) for b in loader)``, exact with any
+number of workers (``ds.skipped``, the ``{index: reason}`` a source records in its own
+process, misses what worker processes saw). A batch whose items were all skipped has
+``len(batch) == 0`` and empty ``inputs``.
+
 Cheap metadata without decoding: ``ds.labels`` and ``ds.ids`` are ``(N,)`` int64 tensors built
 from the index a source makes when it opens (file lists, csv rows), so stratified subsets and
 sharding never decode a file.
@@ -94,19 +102,29 @@ class SampleSource(Dataset):
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def _load(self, i: int) -> dict[str, torch.Tensor]:
+    def _load(self, i: int) -> dict[str, torch.Tensor] | None:
+        """The sample's inputs; None when the item is skipped (recorded by
+        :meth:`_record_skip`, ``skip_bad=True`` sources only)."""
         raise NotImplementedError
+
+    def _record_skip(self, i: int, reason: str) -> None:
+        self.__dict__.setdefault("_skipped", {})[i] = reason
+
+    @property
+    def skipped(self) -> dict[int, str]:
+        """``{index: reason}`` of items this process skipped (see the module docstring for
+        the count across DataLoader workers)."""
+        return dict(self.__dict__.get("_skipped", {}))
 
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for dataset of {len(self)}")
         i = i % len(self)
-        return {
-            "inputs": self._load(i),
-            "label": int(self.labels[i]),
-            "id": int(self.ids[i]),
-            "index": i,
-        }
+        inputs = self._load(i)
+        item = {"inputs": inputs, "label": int(self.labels[i]), "id": int(self.ids[i]), "index": i}
+        if inputs is None:
+            item["skipped"] = self.skipped.get(i, "unreadable")
+        return item
 
 
 @dataclass
@@ -117,6 +135,7 @@ class Batch:
     labels: torch.Tensor
     ids: torch.Tensor
     index: torch.Tensor
+    skipped: tuple[int, ...] = ()  # dataset indices of items dropped as unreadable
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -127,6 +146,7 @@ class Batch:
             self.labels.to(device, non_blocking=non_blocking),
             self.ids.to(device, non_blocking=non_blocking),
             self.index.to(device, non_blocking=non_blocking),
+            self.skipped,
         )
 
     def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this on custom types
@@ -135,14 +155,21 @@ class Batch:
             self.labels.pin_memory(),
             self.ids.pin_memory(),
             self.index.pin_memory(),
+            self.skipped,
         )
 
 
 def collate(samples: Sequence[dict]) -> Batch:
     """Stack sample dicts into a :class:`Batch` (every sample must carry the same modalities
-    with the same shapes; a mismatch names the sample and the modality)."""
+    with the same shapes; a mismatch names the sample and the modality). Skipped items
+    (``inputs`` None) are dropped and their indices listed in ``Batch.skipped``."""
     if not samples:
         raise ValueError("collate: empty batch")
+    skipped = tuple(int(s["index"]) for s in samples if s["inputs"] is None)
+    samples = [s for s in samples if s["inputs"] is not None]
+    if not samples:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return Batch({}, empty, empty.clone(), empty.clone(), skipped)
     mods = tuple(samples[0]["inputs"])
     inputs = {}
     for m in mods:
@@ -162,6 +189,7 @@ def collate(samples: Sequence[dict]) -> Batch:
         torch.tensor([s["label"] for s in samples], dtype=torch.int64),
         torch.tensor([s["id"] for s in samples], dtype=torch.int64),
         torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+        skipped,
     )
 
 
