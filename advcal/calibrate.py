@@ -29,13 +29,16 @@ from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from advcal import distributed as dist
+from advcal import runfolder
 from advcal.attacks import PGD, Attack, CrossMaxim, ZeroShotClassifier
 from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split, zero_shot_logits
 from advcal.data import MultiModalDataset
+from advcal.errors import FileFormatError, RunFolderError
 from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
 from advcal.profiling import nvtx_range
+from advcal.validation import check_fields, check_state
 
 log = logging.getLogger("advcal.calibrate")
 
@@ -71,6 +74,7 @@ class CalibConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first: epochs=true, batch_size=15.5, lr=nan refused by name
         for name in ("epochs", "batch_size", "attack_steps"):
             if getattr(self, name) < (0 if name == "attack_steps" else 1):
                 raise ValueError(f"CalibConfig.{name} must be positive, got {getattr(self, name)}")
@@ -222,41 +226,60 @@ class Calibrator:
         if path is None or not dist.is_main():
             dist.barrier()
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "epoch": epoch,
-                "heads": self.heads.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "history": self.history,
-                "config": self.config.as_dict(),
-                "modalities": list(self.modalities),
-            },
-            tmp,
-        )
-        tmp.replace(path)  # atomic: an interrupted write never clobbers the last checkpoint
+        state = {
+            "epoch": epoch,
+            "heads": self.heads.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "history": self.history,
+            "config": self.config.as_dict(),
+            "modalities": list(self.modalities),
+        }
+        # atomic (unique temp name, fsync, rename): a kill mid-write never clobbers the last
+        # checkpoint, and the temp file is removed on any exit path
+        runfolder.write_with(path, lambda tmp: torch.save(state, tmp))
         dist.barrier()
 
     def _load(self, opt, sched) -> int:
         path = self._checkpoint_path()
         if path is None or not path.is_file():
             return 0
+        fix = "delete it to start the calibration over"
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as err:
-            raise ValueError(
-                f"checkpoint {path} is corrupt or not an advcal checkpoint: {err}. "
-                "Delete it to start over."
+            raise FileFormatError(
+                f"checkpoint {path} is corrupt or not an advcal checkpoint: {err}; {fix}"
             ) from err
+        keys = ("epoch", "heads", "opt", "sched", "history", "config", "modalities")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            have = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise FileFormatError(f"checkpoint {path} is not an advcal checkpoint ({have}); {fix}")
         if state.get("config") != self.config.as_dict() or state.get("modalities") != list(
             self.modalities
         ):
-            raise ValueError(
-                f"checkpoint {path} was written by a run with a different config or "
-                "modalities; use another --out or drop --resume"
+            diff = runfolder.config_diff(
+                {"calib": state.get("config"), "modalities": state.get("modalities")},
+                {"calib": self.config.as_dict(), "modalities": list(self.modalities)},
             )
+            raise RunFolderError(
+                f"checkpoint {path} was written by a run with a different config or "
+                f"modalities ({'; '.join(diff)}); use another --out or drop --resume"
+            )
+        check_state(self.heads.state_dict(), state["heads"], f"checkpoint {path}: heads")
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for i, moments in dict(state["opt"].get("state", {})).items():
+            for name, t in dict(moments).items():  # AdamW's exp_avg/exp_avg_sq per param
+                want = params[i].shape if isinstance(i, int) and i < len(params) else None
+                if isinstance(t, torch.Tensor) and t.dim() and (want is None or t.shape != want):
+                    raise FileFormatError(
+                        f"checkpoint {path}: optimizer tensor opt.state[{i}][{name!r}] has shape "
+                        f"{tuple(t.shape)}, the heads need "
+                        f"{tuple(want) if want is not None else 'no such parameter'}; {fix}"
+                    )
+        epoch = state["epoch"]
+        if not isinstance(epoch, int) or not 0 <= epoch <= self.config.epochs:
+            raise FileFormatError(f"checkpoint {path}: epoch {epoch!r} out of range; {fix}")
         self.heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])

@@ -173,6 +173,9 @@ def load_centers(path: str | Path) -> MultiCenters:
         raise ValueError(f"{path} is not a readable centers file: {err}") from err
     mc = MultiCenters(centers, labels, list(json.loads(meta["class_names"])))
     split(mc)  # shapes and dtypes
+    from advcal.validation import check_finite
+
+    check_finite(mc.centers, f"centers file {path}: 'centers'")  # NaN centers: NaN heads
     return mc
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from advcal.errors import UserError
 
 DEMO_OUT = "advcal-demo"
 
@@ -34,8 +38,13 @@ def _demo_config(quick: bool):
     return cfg
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML file with RunConfig keys ([calib], [eval])")
+def _add_run_args(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="config file: TOML or JSON with RunConfig keys ([calib], [eval]); a run's "
+        "config.json or report.json reproduces that run",
+    )
     p.add_argument("--backbone", help="backbone name (see `advcal info`)")
     p.add_argument("--checkpoint", help="checkpoint file or directory of a real Bind model")
     p.add_argument(
@@ -47,42 +56,102 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="multi-center file (from `advcal convert-centers`); default: class-prompt centers",
     )
     p.add_argument("--modalities", help="comma-separated subset of modalities")
-    p.add_argument("--epochs", type=int, help="calibration epochs")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for calibration (GPU)")
+    if calibrate:
+        p.add_argument("--epochs", type=int, help="calibration epochs")
+    p.add_argument(
+        "--device", help="cpu, cuda, cuda:1, ... (under torchrun, cuda = cuda:LOCAL_RANK)"
+    )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help=f"bf16 autocast for {'calibration' if calibrate else 'evaluation'} (CUDA only)",
+    )
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="capture every attack step in a CUDA graph (calibration and evaluation; GPU)",
+        help="capture every attack step in a CUDA graph (calibration and evaluation; CUDA only)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for a stalled one before every rank stops "
+        "(default 300)",
     )
     p.add_argument("--out", type=Path, required=False, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if calibrate:
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _add_quiet(p)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quiet",
+        "--no-progress",
+        dest="quiet",
+        action="store_true",
+        help="no progress output (the result table still prints)",
+    )
 
 
 def _config_from_args(args, base=None):
     from advcal.pipeline import RunConfig
 
-    cfg = RunConfig.from_toml(args.config) if args.config else (base or RunConfig())
-    changes = {}
-    for name in ("backbone", "checkpoint", "data", "centers", "device"):
+    cfg = RunConfig.from_file(args.config) if args.config else (base or RunConfig())
+    changes: dict = {}
+    for name in ("backbone", "checkpoint", "data", "centers", "device", "dist_timeout"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
-    if getattr(args, "modalities", None):
-        changes["modalities"] = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-    import dataclasses
-
-    calib = {}
+    if getattr(args, "modalities", None) is not None:
+        mods = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+        if not mods:
+            raise UserError(f"--modalities {args.modalities!r} names no modality")
+        changes["modalities"] = mods
+    calib: dict = {}
     if getattr(args, "epochs", None) is not None:
         calib["epochs"] = args.epochs
-    if getattr(args, "amp", False):
+    if getattr(args, "amp", False) and args.cmd == "calibrate":
         calib["amp"] = True
     if getattr(args, "cuda_graph", False):
         calib["cuda_graph"] = True
         changes["eval"] = dataclasses.replace(cfg.eval, cuda_graph=True)
+    if getattr(args, "amp", False) and args.cmd == "evaluate":
+        changes["eval"] = _eval_amp(changes.get("eval", cfg.eval))
     if calib:
         changes["calib"] = dataclasses.replace(cfg.calib, **calib)
-    return cfg.replace(**changes) if changes else cfg
+    cfg = cfg.replace(**changes) if changes else cfg
+    _check_cuda_flags(args, cfg.device)
+    return cfg
+
+
+def _eval_amp(eval_cfg):
+    """``EvalConfig`` with bf16 autocast on; refused clearly where this build has no such
+    field (never accepted and ignored)."""
+    if "amp" not in {f.name for f in dataclasses.fields(eval_cfg)}:
+        raise UserError(
+            "--amp: this version's evaluation has no autocast mode (EvalConfig.amp); "
+            "drop --amp to evaluate in fp32"
+        )
+    return dataclasses.replace(eval_cfg, amp=True)
+
+
+def _check_cuda_flags(args, device: str) -> None:
+    """--amp and --cuda-graph are CUDA features: refused on another device, with the reason."""
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return
+    if getattr(args, "amp", False):
+        raise UserError(
+            f"--amp is bf16 autocast on a CUDA device; this run is on {device!r}, where bf16 is "
+            "emulated (slower and less accurate than fp32): drop --amp, or add --device cuda"
+        )
+    if getattr(args, "cuda_graph", False):
+        raise UserError(
+            f"--cuda-graph captures attack steps in CUDA graphs; this run is on {device!r}: "
+            "drop --cuda-graph, or add --device cuda"
+        )
 
 
 def _print_summary(rep: dict, out: Path, seconds: float) -> None:
@@ -107,7 +176,7 @@ def cmd_demo(args) -> int:
 
     out = args.out or Path(DEMO_OUT)
     t0 = time.perf_counter()
-    rep = run(_demo_config(args.quick), out, resume=args.resume, progress=not args.no_progress)
+    rep = run(_demo_config(args.quick), out, resume=args.resume, progress=not args.quiet)
     _print_summary(rep, out, time.perf_counter() - t0)
     if args.quick:
         print(
@@ -121,35 +190,57 @@ def cmd_calibrate(args) -> int:
     from advcal.pipeline import run
 
     if args.out is None:
-        print("advcal calibrate: --out DIR is required (the run folder)", file=sys.stderr)
-        return 2
+        raise UserError("--out DIR is required (the run folder)")
     t0 = time.perf_counter()
-    rep = run(_config_from_args(args), args.out, resume=args.resume, progress=not args.no_progress)
+    rep = run(_config_from_args(args), args.out, resume=args.resume, progress=not args.quiet)
     _print_summary(rep, args.out, time.perf_counter() - t0)
     return 0
 
 
+_RUN_OWNS = ("config", "backbone", "checkpoint", "data", "centers", "modalities")
+
+
 def cmd_evaluate(args) -> int:
     """Evaluate a finished run folder (frozen vs calibrated), or a frozen backbone alone."""
-    from advcal import backbones, report
+    from advcal import backbones, provenance, report, runfolder, validation
     from advcal.evaluate import evaluate
     from advcal.pipeline import _datasets, load_run, make_centers
 
     t0 = time.perf_counter()
+    out = args.out or (Path(args.run) / "eval" if args.run else Path("advcal-eval"))
+    runfolder.RunFolder(out, {}).check_path()  # --out that is a file: refused before work
     if args.run is not None:
+        clash = [f"--{n.replace('_', '-')}" for n in _RUN_OWNS if getattr(args, n) is not None]
+        if clash:
+            raise UserError(
+                f"--run evaluates the run folder's own config; {', '.join(clash)} cannot be "
+                "combined with it (evaluate without --run to set them)"
+            )
+        if args.device is not None:
+            validation.check_device(args.device, "--device")
         run = load_run(args.run, device=args.device)
         cfg, backbone, heads, centers = run.config, run.backbone, run.heads, run.centers
-        test = run.dataset("test")
+        changes = {}
+        if args.cuda_graph:
+            changes["eval"] = dataclasses.replace(cfg.eval, cuda_graph=True)
+        if args.amp:
+            changes["eval"] = _eval_amp(changes.get("eval", cfg.eval))
+        if args.dist_timeout is not None:
+            changes["dist_timeout"] = args.dist_timeout
+        cfg = cfg.replace(**changes) if changes else cfg
+        _check_cuda_flags(args, cfg.device)
+        train, test = None, run.dataset("test")
     else:
         cfg = _config_from_args(args)
+        validation.check_device(cfg.device, "device")
         backbone = backbones.load(
             cfg.backbone,
             checkpoint=cfg.checkpoint,
             device=cfg.device,
-            progress=not args.no_progress,
+            progress=not args.quiet,
             **cfg.backbone_kwargs,
         )
-        _, test = _datasets(cfg)
+        train, test = _datasets(cfg)
         heads = None
         centers, _ = make_centers(cfg, backbone, test)
     modalities = cfg.modalities or tuple(m for m in test.modalities if m in backbone.modalities)
@@ -157,21 +248,31 @@ def cmd_evaluate(args) -> int:
         "modalities": modalities,
         "config": cfg.eval,
         "device": cfg.device,
-        "progress": not args.no_progress,
+        "progress": not args.quiet,
     }
     before = evaluate(backbone, test, centers, None, **kw)
     after = evaluate(backbone, test, centers, heads, **kw) if heads is not None else None
-    out = args.out or (Path(args.run) / "eval" if args.run else Path("advcal-eval"))
     rep = report.build(
         backbone=backbone.name,
         backbone_params=backbone.num_params(),
         trainable_params=heads.num_trainable() if heads is not None else 0,
         before=before,
         after=after,
-        config={**cfg.as_dict(), "modalities": list(modalities)},
+        config=cfg.as_dict(),
         timings={"evaluate": time.perf_counter() - t0},
         dataset=test.name,
     )
+    rep["run"] = {"modalities": list(modalities), "evaluated_run": str(args.run or "")}
+    rep["provenance"] = provenance.collect(
+        cfg,
+        backbone=backbone,
+        datasets={"test": test} if train is None else {"train": train, "test": test},
+        device=cfg.device,
+    )
+    if args.run is not None:
+        rep["provenance"]["heads_sha256"] = provenance.sha256_file(
+            Path(args.run) / "heads.safetensors", use_cache=False
+        )
     report.write(rep, out)
     _print_summary(rep, out, time.perf_counter() - t0)
     return 0
@@ -248,26 +349,33 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.rest])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``advcal calibrate: error: ... (see --help)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advcal", description=__doc__)
+    p = _Parser(prog="advcal", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="the main job on the embedded default (minibind + digits)")
     d.add_argument("--out", type=Path, help=f"run folder (default ./{DEMO_OUT})")
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     d.add_argument("--quick", action="store_true", help="a fast smoke run on a subset")
-    d.add_argument("--no-progress", action="store_true")
+    _add_quiet(d)
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("calibrate", help="calibrate heads and evaluate before/after")
-    _add_run_args(c)
+    _add_run_args(c, calibrate=True)
     c.set_defaults(fn=cmd_calibrate)
 
     e = sub.add_parser("evaluate", help="evaluate a run folder, or a frozen backbone")
     e.add_argument(
         "--run", type=Path, help="a finished run folder (evaluates frozen and calibrated)"
     )
-    _add_run_args(e)
+    _add_run_args(e, calibrate=False)
     e.set_defaults(fn=cmd_evaluate)
 
     i = sub.add_parser("info", help="what was built: extension, CUDA, Triton, op backends")
@@ -291,14 +399,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+REPORT_BUG = (
+    "this is a bug in advcal, not in your input: please report it with the command line, "
+    "the traceback above and the output of `advcal info`"
+)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (some messages from torch span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``advcal`` command. A user error (:mod:`advcal.errors`) is one line on stderr
+    naming the argument or file, exit code 2; anything else is a bug: its traceback, a line
+    asking to report it, exit code 1."""
+    from advcal import distributed, errors
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, TypeError, PermissionError) as err:
-        # user errors (bad argument, missing file, refused unpickling): one line, exit 2
-        print(f"advcal {args.cmd}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"advcal {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        err = distributed.explain(err) or err
+        who = f"advcal {args.cmd}" + (
+            f" [rank {distributed.rank()}]" if distributed.enabled() else ""
+        )
+        if errors.is_user_error(err):
+            print(f"{who}: error: {_one_line(err)}", file=sys.stderr)
+            return errors.exit_code(err)
+        traceback.print_exc()
+        print(f"{who}: internal error ({type(err).__name__}): {REPORT_BUG}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

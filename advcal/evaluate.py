@@ -39,6 +39,7 @@ from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split
 from advcal.data import MultiModalDataset
 from advcal.heads import CalibrationHeads
+from advcal.validation import check_fields
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class EvalConfig:
     cuda_graph: bool = False  # capture every attack step in a CUDA graph (GPU only)
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first: steps=true, sweep=["a"], tau=nan refused by name
         for name in ("attacks", "weak_attacks"):
             names = tuple(getattr(self, name))
             unknown = [a for a in names if a not in ATTACKS]

@@ -21,6 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from advcal.errors import FileFormatError
+from advcal.validation import check_state
+
 KINDS = ("residual_linear", "linear", "mlp")
 
 
@@ -124,11 +127,11 @@ class CalibrationHeads(nn.Module):
         """Write the heads (safetensors, atomically) with their config in the header."""
         import json
 
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
+        from advcal import runfolder
+
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(tmp), metadata={"advcal_heads": json.dumps(self.config())})
-        tmp.replace(path)
+        meta = {"advcal_heads": json.dumps(self.config())}
+        runfolder.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> CalibrationHeads:
@@ -144,9 +147,14 @@ class CalibrationHeads(nn.Module):
                 meta = f.metadata() or {}
             state = load_file(str(path), device=str(map_location))
         except Exception as err:
-            raise ValueError(f"{path} is not a readable heads file: {err}") from err
+            raise FileFormatError(f"{path} is not a readable heads file: {err}") from err
         if "advcal_heads" not in meta:
-            raise ValueError(f"{path} is a safetensors file but holds no advcal heads")
-        heads = cls(**json.loads(meta["advcal_heads"]))
+            raise FileFormatError(f"{path} is a safetensors file but holds no advcal heads")
+        try:
+            config = json.loads(meta["advcal_heads"])
+            heads = cls(**config)
+        except (ValueError, TypeError) as err:
+            raise FileFormatError(f"{path}: unreadable heads config in its header: {err}") from err
+        check_state(heads.state_dict(), state, f"heads file {path}")
         heads.load_state_dict(state, strict=True)
-        return heads
+        return heads.to(map_location)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from advcal import ops
 from advcal.centers import Centers, MultiCenters, zero_shot_logits
 from advcal.heads import Head
+from advcal.validation import check_fields
 
 
 def _check(z: torch.Tensor, centers: Centers | None = None, labels=None) -> None:
@@ -89,6 +90,7 @@ class Objective:
     tau: float = 0.07
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first: a bool or a str weight refused by name
         weights = (self.ce, self.l2, self.infonce, self.consistency)
         if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
             raise ValueError(f"Objective weights must be finite, >= 0, one positive; got {weights}")

@@ -7,13 +7,14 @@ interrupted run without redoing it. :func:`load_run` rebuilds the calibrated mod
 folder: ``run.classifier(m)`` is an ``nn.Module`` any attack library can attack.
 
 A run folder holds ``config.json``, ``heads.safetensors``, ``checkpoint.pt`` (per epoch),
-``eval_before.json``, ``report.json``, ``report.md`` and ``robust_vs_eps.png``.
+``eval_before.json``, ``report.json``, ``report.md`` and ``robust_vs_eps.png``; every file is
+written atomically and the folder is locked while a run uses it (:mod:`advcal.runfolder`).
+``config.json`` (and a ``report.json``) is a valid ``--config``: it reproduces the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from advcal import backbones, report
+from advcal import backbones, provenance, report, runfolder, validation
 from advcal import distributed as dist
 from advcal.attacks import ZeroShotClassifier
 from advcal.calibrate import CalibConfig, Calibrator
 from advcal.centers import Centers, for_classes, load_centers, split
 from advcal.data import MultiModalDataset, load_dataset
+from advcal.errors import ConfigError, FileFormatError
 from advcal.evaluate import EvalConfig, evaluate
 from advcal.heads import CalibrationHeads
-from advcal.objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -49,38 +50,70 @@ class RunConfig:
     modalities: tuple[str, ...] | None = None
     train_limit: int | None = None
     test_limit: int | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # where the run computes; not compared on --resume (per rank)
+    # seconds a torchrun rank waits for the others before the run ends (a stalled rank)
+    dist_timeout: float = dist.DEFAULT_TIMEOUT_S
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.calib, Mapping):
-            c = dict(self.calib)
-            if isinstance(c.get("objective"), Mapping):
-                c["objective"] = Objective(**c["objective"])
-            object.__setattr__(self, "calib", _build(CalibConfig, c, "calib"))
-        if isinstance(self.eval, Mapping):
-            object.__setattr__(self, "eval", _build(EvalConfig, dict(self.eval), "eval"))
-        if self.modalities is not None:
-            object.__setattr__(self, "modalities", tuple(self.modalities))
+        if isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", str(self.device))
+        validation.check_fields(self)  # types first, nested [calib]/[eval] tables built
+        object.__setattr__(self, "device", validation.parse_device(self.device, "device"))
+        mods = self.modalities
+        if mods is not None and (not mods or len(set(mods)) != len(mods)):
+            raise ConfigError(f"RunConfig.modalities must name distinct modalities, got {mods}")
         for name in ("train_limit", "test_limit"):
             v = getattr(self, name)
             if v is not None and v < 2:
-                raise ValueError(f"{name} must be >= 2, got {v}")
+                raise ConfigError(f"RunConfig.{name} must be >= 2, got {v}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(
+                f"RunConfig.dist_timeout must be > 0 seconds, got {self.dist_timeout}"
+            )
+        for name in ("backbone", "data"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"RunConfig.{name} must not be empty")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> RunConfig:
-        return _build(cls, dict(d), "config")
+        return validation.build(cls, d)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> RunConfig:
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """A ``.toml`` or ``.json`` config: a run folder's ``config.json``, or a
+        ``report.json`` (its ``config`` table is read: a report reproduces its run)."""
         import tomllib
 
         path = Path(path)
+        if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"config file {path} {what}")
+        if path.suffix.lower() == ".json":
+            d = runfolder.read_json(path, fix="give a config file (TOML or JSON)")
+            if isinstance(d, dict) and isinstance(d.get("config"), dict) and "sanity" in d:
+                d = d["config"]  # a report: its config
+        elif path.suffix.lower() == ".toml":
+            try:
+                d = tomllib.loads(path.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as err:
+                raise FileFormatError(f"{path}: invalid TOML: {err}") from err
+            except UnicodeDecodeError as err:
+                raise FileFormatError(f"{path} is not a UTF-8 text file ({err.reason})") from err
+        else:
+            raise ConfigError(
+                f"config file {path}: unknown format {path.suffix or '(no suffix)'!r}; "
+                "give a .toml or .json file"
+            )
+        if not isinstance(d, dict):
+            raise FileFormatError(f"{path} holds {type(d).__name__}, not a table of config keys")
         try:
-            return cls.from_dict(tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"{path}: invalid TOML: {err}") from err
+            return cls.from_dict(d)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err.message}", err.section) from None
+
+    from_toml = from_file  # the name of advcal <= 0.1.0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,12 +122,15 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _build(cls, d: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in [{where}]; known: {sorted(names)}")
-    return cls(**d)
+def _check_split(ds: MultiModalDataset, cfg: RunConfig, split_name: str) -> MultiModalDataset:
+    """A split at the boundary: finite inputs, float32 (float64/float16 cast; see
+    :func:`advcal.validation.check_inputs`)."""
+    if not isinstance(ds, MultiModalDataset):
+        return ds  # a streamed source checks its samples as it decodes them
+    inputs = validation.check_inputs(ds.inputs, f"dataset {cfg.data!r} ({split_name} split)")
+    if all(inputs[m] is ds.inputs[m] for m in inputs):
+        return ds
+    return dataclasses.replace(ds, inputs=inputs)
 
 
 def _datasets(cfg: RunConfig) -> tuple[MultiModalDataset, MultiModalDataset]:
@@ -102,23 +138,31 @@ def _datasets(cfg: RunConfig) -> tuple[MultiModalDataset, MultiModalDataset]:
     test = load_dataset(cfg.data, split="test")
     if cfg.modalities is not None:
         train, test = train.select(cfg.modalities), test.select(cfg.modalities)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(provenance.SUBSET_SEED)
     if cfg.train_limit is not None and cfg.train_limit < len(train):
         train = train.subset(torch.randperm(len(train), generator=gen)[: cfg.train_limit])
     if cfg.test_limit is not None and cfg.test_limit < len(test):
         test = test.subset(torch.randperm(len(test), generator=gen)[: cfg.test_limit])
-    return train, test
+    return _check_split(train, cfg, "train"), _check_split(test, cfg, "test")
 
 
 def make_centers(
-    cfg: RunConfig, backbone: backbones.Backbone, dataset: MultiModalDataset
+    cfg: RunConfig,
+    backbone: backbones.Backbone,
+    dataset: MultiModalDataset,
+    device: str | torch.device | None = None,
 ) -> tuple[Centers, str]:
-    """The run's fixed centers on ``cfg.device``, and a line saying what they are."""
+    """The run's fixed centers on ``device`` (default ``cfg.device``), and a line saying
+    what they are. NaN/Inf centers are refused (they train NaN heads that exit 0)."""
+    device = device if device is not None else cfg.device
     if cfg.centers is None:
-        c = backbone.centers(dataset.class_names, dataset.templates or None).to(cfg.device)
+        c = backbone.centers(dataset.class_names, dataset.templates or None).to(device)
+        validation.check_finite(
+            c, f"the text centers backbone '{backbone.name}' computed for the class prompts"
+        )
         templates = list(dataset.templates) or "default"
         return c, f"{c.shape[0]} text centers (templates: {templates})"
-    mc = for_classes(load_centers(cfg.centers), dataset.class_names).to(cfg.device)
+    mc = for_classes(load_centers(cfg.centers), dataset.class_names).to(device)
     split(mc, backbone.embed_dim)  # width check, with a clear error
     return mc, (
         f"{mc.centers.shape[0]} centers for {len(mc.class_names)} classes from {cfg.centers} "
@@ -126,10 +170,18 @@ def make_centers(
     )
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+EVAL_BEFORE = "eval_before.json"
+HEADS = "heads.safetensors"
+
+
+def _read_eval_before(path: Path) -> dict:
+    before = runfolder.read_json(path, fix="delete it to recompute the frozen evaluation")
+    if not isinstance(before, dict) or not isinstance(before.get("modalities"), dict):
+        raise FileFormatError(
+            f"{path} is not an advcal evaluation (no 'modalities' table); delete it to "
+            "recompute the frozen evaluation"
+        )
+    return before
 
 
 def run(
@@ -138,27 +190,49 @@ def run(
     """Calibrate and evaluate; returns the report dict (also written into ``out_dir``).
 
     Under ``torchrun`` every rank runs this; the work is sharded and rank 0 writes the files.
+    Everything that can be checked is checked before the run folder is touched (config,
+    device, ``out_dir``, the folder's lock and its config on ``resume``); the folder's
+    ``config.json`` is written only once the backbone, data and centers have loaded, and
+    removed again if the run fails before its first result (:class:`runfolder.RunFolder`).
     """
-    dist.init_from_env(cfg.device)
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"run() needs a RunConfig, got {type(cfg).__name__}")
+    validation.check_device(cfg.device, "device")
+    folder = runfolder.RunFolder(out_dir, cfg.as_dict(), resume=resume)
+    folder.check_path()
+    dist.init_from_env(cfg.device, cfg.dist_timeout)
+    device = dist.local_device(cfg.device)
+    dist.on_main(folder.open, "opening the run folder")
+    try:
+        rep = _run(cfg, folder, device, resume=resume, progress=progress)
+    except BaseException:
+        if dist.is_main():
+            folder.close(failed=True)
+        raise
+    if dist.is_main():
+        folder.close()
+    return rep
+
+
+def _run(
+    cfg: RunConfig,
+    folder: runfolder.RunFolder,
+    device: torch.device,
+    *,
+    resume: bool,
+    progress: bool,
+) -> dict:
     main = dist.is_main()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.json"
-    if resume and config_path.is_file():
-        saved = json.loads(config_path.read_text())
-        if saved != json.loads(json.dumps(cfg.as_dict(), default=str)):
-            raise ValueError(
-                f"{out} holds a run with a different config; use another --out or drop --resume"
-            )
-    if main:
-        _atomic_json(config_path, cfg.as_dict())
+    before_path = folder / EVAL_BEFORE
+    # read before the slow loading: a damaged file fails the resume at once
+    before = _read_eval_before(before_path) if resume and before_path.is_file() else None
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     backbone = backbones.load(
         cfg.backbone,
         checkpoint=cfg.checkpoint,
-        device=cfg.device,
+        device=device,
         progress=progress,
         **cfg.backbone_kwargs,
     )
@@ -172,11 +246,11 @@ def run(
             f"dataset '{test.name}' shares no modality with backbone "
             f"'{backbone.name}' ({list(backbone.modalities)})"
         )
-    centers, centers_note = make_centers(cfg, backbone, test)
+    centers, centers_note = make_centers(cfg, backbone, test, device)
+    if main:
+        folder.write_config()
 
-    before_path = out / "eval_before.json"
-    if resume and before_path.is_file():
-        before = json.loads(before_path.read_text())
+    if before is not None:
         timings["eval_before"] = 0.0
     else:
         t0 = time.perf_counter()
@@ -187,21 +261,21 @@ def run(
             None,
             modalities=modalities,
             config=cfg.eval,
-            device=cfg.device,
+            device=device,
             progress=progress,
         )
         timings["eval_before"] = time.perf_counter() - t0
         if main:
-            _atomic_json(before_path, before)
+            runfolder.write_json(before_path, before)
 
     calibrator = Calibrator(
-        backbone, centers, modalities, cfg.calib, out_dir=out, device=cfg.device
+        backbone, centers, modalities, cfg.calib, out_dir=folder.path, device=device
     )
     t0 = time.perf_counter()
     heads = calibrator.fit(train, resume=resume, progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
     if main:
-        heads.save(out / "heads.safetensors")
+        heads.save(folder / HEADS)
 
     t0 = time.perf_counter()
     after = evaluate(
@@ -211,7 +285,7 @@ def run(
         heads,
         modalities=modalities,
         config=cfg.eval,
-        device=cfg.device,
+        device=device,
         progress=progress,
     )
     timings["eval_after"] = time.perf_counter() - t0
@@ -222,20 +296,30 @@ def run(
         trainable_params=heads.num_trainable(),
         before=before,
         after=after,
-        config={
-            **cfg.as_dict(),
-            "modalities": list(modalities),
-            "centers_used": centers_note,
-        },
+        config=cfg.as_dict(),  # exactly the run's config: a report is a valid --config
         timings=timings,
         dataset=test.name,
     )
+    rep["run"] = {"modalities": list(modalities), "centers": centers_note}
     rep["history"] = calibrator.history
     rep["world_size"] = dist.world_size()
     if main:
-        report.write(rep, out)
+        rep["provenance"] = provenance.collect(
+            cfg,
+            backbone=backbone,
+            datasets={"train": train, "test": test},
+            device=device,
+            world_size=dist.world_size(),
+        )
+        rep["provenance"]["checkpoint_pt_sha256"] = _sha_or_none(folder / "checkpoint.pt")
+        rep["provenance"]["heads_sha256"] = _sha_or_none(folder / HEADS)
+        report.write(rep, folder.path)
     dist.barrier()
     return rep
+
+
+def _sha_or_none(path: Path) -> str | None:
+    return provenance.sha256_file(path, use_cache=False) if path.is_file() else None
 
 
 @dataclass
@@ -263,18 +347,36 @@ class Run:
 
 
 def load_run(path: str | Path, device: str | torch.device | None = None) -> Run:
-    """Rebuild a calibrated model from a run folder."""
+    """Rebuild a calibrated model from a run folder (``device`` overrides the run's)."""
     path = Path(path)
-    for name in ("config.json", "heads.safetensors"):
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"run folder {path} {what}; give a folder advcal calibrate wrote")
+    for name in (runfolder.CONFIG, HEADS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a finished advcal run: {name} is missing")
-    cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    saved = runfolder.read_json(path / runfolder.CONFIG, fix="the run folder is damaged")
+    if not isinstance(saved, dict):
+        raise FileFormatError(f"{path / runfolder.CONFIG} holds no config table")
+    try:
+        cfg = RunConfig.from_dict(saved)
+    except ConfigError as err:
+        raise ConfigError(f"{path / runfolder.CONFIG}: {err.message}", err.section) from None
     if device is not None:
         cfg = cfg.replace(device=str(device))
+    try:
+        validation.check_device(cfg.device, "device")
+    except Exception as err:
+        if device is not None:
+            raise
+        raise type(err)(
+            f"{err} (the run's config.json says device={cfg.device!r}; pass another device, "
+            "e.g. --device cpu)"
+        ) from None
     backbone = backbones.load(
         cfg.backbone, checkpoint=cfg.checkpoint, device=cfg.device, **cfg.backbone_kwargs
     )
-    heads = CalibrationHeads.load(path / "heads.safetensors", map_location=cfg.device)
+    heads = CalibrationHeads.load(path / HEADS, map_location=cfg.device)
     test = load_dataset(cfg.data, split="test")
     centers, _ = make_centers(cfg, backbone, test)
     return Run(path, cfg, backbone, heads, centers)

@@ -229,17 +229,17 @@ def plot(report: dict, path: Path) -> bool:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"advcal: robust accuracy vs eps ({report['backbone']})", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    from advcal import runfolder
+
+    runfolder.write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return True
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from advcal import runfolder  # unique temp name, fsync, umask mode, temp removed on error
+
+    runfolder.write_text(path, text)
 
 
 def write(report: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from advcal.validation import check_fields
+
 Norm = Literal["linf", "l2"]
 
 MODALITIES = ("image", "video", "audio", "depth", "thermal", "point", "event", "imu", "text")
@@ -39,6 +41,7 @@ class InputSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types first: shape=[3, "32"], norm="l1", eps=nan refused by name
         if not all(isinstance(s, int) and (s > 0 or s == -1) for s in self.shape):
             raise ValueError(f"InputSpec.shape must hold positive ints or -1, got {self.shape}")
         if self.lo is not None and self.hi is not None and not self.lo < self.hi:

@@ -222,7 +222,7 @@ def read_report(out: Path) -> dict:
 def check_report(rep: dict, name: str, modalities, *, calibrated: bool) -> None:
     assert rep["backbone"] == name
     assert rep["config"]["backbone"] == name
-    assert sorted(rep["config"]["modalities"]) == sorted(modalities)
+    assert sorted(rep["run"]["modalities"]) == sorted(modalities)  # as resolved
     assert rep["config"]["eval"]["steps"] == 1
     assert set(rep["modalities"]) == set(modalities)
     after = ("clean_top1_after", "clean_top5_after", "robust_top1_after", "robust_top5_after")
@@ -375,7 +375,7 @@ def test_calibrate_unibind_with_its_multi_centers(tmp_path: Path, capsys) -> Non
     rep = read_report(out)
     check_report(rep, "unibind", mods, calibrated=True)
     assert rep["config"]["centers"] == str(centres)
-    assert "15 centers for 3 classes" in rep["config"]["centers_used"]
+    assert "15 centers for 3 classes" in rep["run"]["centers"]
     # the rebuilt run scores with the same multi-centers
     run = load_run(out)
     clf = run.classifier("image")
