@@ -199,7 +199,11 @@ def file_stats(paths: Iterable[Path], root: Path) -> list[tuple[str, int, int]]:
     changed, added or removed file changes it and an unchanged tree does not."""
     out = []
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            out.append((str(p), -1, -1))  # missing: build() reports it (or skip_bad skips it)
+            continue
         try:
             rel = p.relative_to(root).as_posix()
         except ValueError:
@@ -290,10 +294,15 @@ def build(
     decs = {m: (decoders or {}).get(m) or decoder_for(m) for m in mods}
     paths = [Path(r) for it in items for m in mods if isinstance(r := it.refs[m], (str, Path))]
     root = root or args.path
-    fp = fingerprint(
-        args.scheme, args.split, sorted(mods), file_stats(paths, root), list(fingerprint_parts),
-        sel,
-    )  # fmt: skip
+    stats = file_stats(paths, root)
+    missing = [rel for rel, size, _ in stats if size < 0]
+    if missing and not args.skip_bad:
+        raise DataSourceError(
+            f"{args.spec} split {args.split!r}: {len(missing)} listed files do not exist, e.g. "
+            f"{missing[:3]}; restore them, or open with skip_bad=True (--skip-bad) to skip and "
+            "count them"
+        )
+    fp = fingerprint(args.scheme, args.split, sorted(mods), stats, list(fingerprint_parts), sel)
     info = DatasetInfo(
         name=f"{name}-{args.split}",
         source=args.spec,
