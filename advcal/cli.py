@@ -340,12 +340,9 @@ def cmd_bench(args) -> int:
     script = root / f"bench_{args.name}.py"
     if not script.is_file():
         names = sorted(p.stem[6:] for p in root.glob("bench_*.py")) if root.is_dir() else []
-        print(
-            f"advcal bench: no benchmark {args.name!r} (benchmarks live in a source checkout; "
-            f"found {names})",
-            file=sys.stderr,
+        raise UserError(
+            f"no benchmark {args.name!r} (benchmarks live in a source checkout; found {names})"
         )
-        return 2
     return subprocess.call([sys.executable, str(script), *args.rest])
 
 

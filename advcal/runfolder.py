@@ -411,7 +411,14 @@ class RunFolder:
         return self
 
     def write_config(self) -> None:
-        write_json(self.path / CONFIG, self.config)
+        """Write ``config.json`` (left as it is when it already says the same: a resumed run
+        changes no file it does not have to)."""
+        path = self.path / CONFIG
+        text = json.dumps(self.config, indent=2, default=str) + "\n"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if path.read_text(encoding="utf-8") == text:
+                return
+        write_text(path, text)
         self.wrote_config = True
 
     def _undo(self) -> None:
