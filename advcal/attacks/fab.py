@@ -1,0 +1,242 @@
+"""FAB-T (Croce & Hein 2020, "Minimally distorted adversarial examples with a Fast Adaptive
+Boundary attack"), targeted, L-inf and L2.
+
+For each target ``t`` (the ``n_targets`` highest-scoring wrong classes at the clean input) and
+iterate ``x``: linearise ``g = z_t - z_y`` at ``x`` and project both ``x`` and the original
+``x0`` onto the hyperplane ``g(x) + grad g . (z - x) = 0`` inside the valid box, with the
+smallest step in the threat model's norm (:func:`hyperplane_step`); move to the convex
+combination ``(1 - a) (x + eta d_x) + a (x0 + eta d_x0)`` with ``a = |d_x| / (|d_x| + |d_x0|)``
+capped at ``alpha_max`` (a bias toward the original point, so the adversarial example found is
+close to it); when the iterate is adversarial, remember it if it is the closest so far and pull
+it back toward ``x0`` by ``beta``. A sample counts as broken when some target reached an
+adversarial example within ``eps``. Defaults are AutoAttack's (``steps=100``, ``eta=1.05``,
+``beta=0.9``, ``alpha_max=0.1``, 9 targets, one restart without random start).
+
+Targets run as rows of one batch (like APGD-T); ``early_stop`` drops a sample once it has an
+adversarial example within ``eps``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from advcal.attacks.base import Attack, bcast, norms, predict
+
+
+def hyperplane_step(
+    p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, lo, hi, norm: str
+) -> torch.Tensor:
+    """The smallest ``d`` (in ``norm``) with ``w . d = c`` and ``lo <= p + d <= hi``, per row.
+
+    ``p``, ``w``: ``(R, D)``; ``c``: ``(R,)``. When the box makes ``w . d = c`` unreachable the
+    step goes as far as the box allows in the useful direction.
+
+    L-inf: every coordinate moves by ``min(t, room_i)`` in the direction ``sign(c w_i)``, where
+    ``room_i`` is its distance to the box in that direction; ``sum_i |w_i| min(t, room_i)`` is
+    piecewise linear in ``t``, so the smallest feasible ``t`` is found exactly by sorting the
+    rooms. L2: ``d_i = clip(lam w_i, lo - p_i, hi - p_i)`` (the KKT point), ``lam`` by bisection.
+    """
+    p, w, c = p.float(), w.float(), c.float()
+    if norm == "linf":
+        direction = torch.sign(c)[:, None] * torch.sign(w)
+        a, target = w.abs(), c.abs()
+        if lo is None and hi is None:
+            t = target / a.sum(1).clamp_min(1e-30)
+            return direction * t[:, None]
+        up = (hi - p) if hi is not None else torch.full_like(p, float("inf"))
+        down = (p - lo) if lo is not None else torch.full_like(p, float("inf"))
+        room = torch.where(direction > 0, up, down).clamp_min(0)
+        room = torch.where(direction == 0, torch.zeros_like(room), room)
+        r_sorted, order = room.sort(1)
+        a_sorted = a.gather(1, order)
+        finite = torch.isfinite(r_sorted)
+        ar = torch.where(finite, a_sorted * r_sorted, torch.zeros_like(r_sorted))
+        before = ar.cumsum(1) - ar  # sum_{j<k} a_j r_j
+        tail = a_sorted.flip(1).cumsum(1).flip(1)  # sum_{j>=k} a_j
+        reach = before + torch.where(finite, r_sorted * tail, torch.full_like(tail, float("inf")))
+        k = (reach < target[:, None]).sum(1)  # first breakpoint reaching the target
+        feasible = k < p.shape[1]
+        kk = k.clamp(max=p.shape[1] - 1)[:, None]
+        t = (target - before.gather(1, kk).squeeze(1)) / tail.gather(1, kk).squeeze(1).clamp_min(
+            1e-30
+        )
+        t = torch.where(feasible, t, torch.full_like(t, float("inf")))
+        return direction * torch.minimum(t[:, None], room)
+    # L2
+    if lo is None and hi is None:
+        return w * (c / (w * w).sum(1).clamp_min(1e-30))[:, None]
+    low = (lo - p) if lo is not None else torch.full_like(p, -float("inf"))
+    high = (hi - p) if hi is not None else torch.full_like(p, float("inf"))
+
+    def reach(lam: torch.Tensor) -> torch.Tensor:
+        return (w * torch.clamp(lam[:, None] * w, low, high)).sum(1)
+
+    nz = w.abs() > 0
+    span = torch.maximum(low.abs(), high.abs()).clamp(max=1e30)
+    big = torch.where(nz, span / w.abs().clamp_min(1e-30), torch.zeros_like(w)).amax(1) + 1
+    lo_l, hi_l = -big, big
+    for _ in range(60):  # bisection: reach() is non-decreasing in lam
+        mid = (lo_l + hi_l) / 2
+        below = reach(mid) < c
+        lo_l, hi_l = torch.where(below, mid, lo_l), torch.where(below, hi_l, mid)
+    lam = (lo_l + hi_l) / 2
+    return torch.clamp(lam[:, None] * w, low, high)
+
+
+class FAB(Attack):
+    """Targeted FAB (FAB-T): see the module docstring."""
+
+    name = "fab-t"
+    multi_modal = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eps: float | None = None,
+        norm: str | None = None,
+        spec=None,
+        steps: int = 100,
+        n_targets: int | None = None,
+        restarts: int = 1,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+        early_stop: bool = True,
+        max_rows: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, eps=eps, norm=norm, spec=spec, seed=seed)
+        for name, v, low in (
+            ("steps", steps, 1),
+            ("restarts", restarts, 1),
+            ("max_rows", max_rows, 1),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if n_targets is not None and (isinstance(n_targets, bool) or n_targets < 1):
+            raise ValueError(f"n_targets must be an int >= 1 or None, got {n_targets!r}")
+        if not (0 <= alpha_max <= 1 and eta >= 1 and 0 < beta <= 1):
+            raise ValueError("FAB needs 0 <= alpha_max <= 1, eta >= 1, 0 < beta <= 1")
+        self.steps, self.n_targets, self.restarts = steps, n_targets, restarts
+        self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
+        self.early_stop, self.max_rows = bool(early_stop), max_rows
+
+    def _run(self, x0: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, torch.Tensor]:
+        t = self.targets[""]
+        model, x = t.model, x0[""]
+        n = len(y)
+        out = x.clone()
+        if n == 0:
+            return {"": out}
+        gen = self._generator(y.device)
+        logits = predict(model, x)
+        k = logits.shape[1]
+        n_t = min(self.n_targets or 9, k - 1)
+        if self.n_targets is not None and self.n_targets > k - 1:
+            raise ValueError(f"n_targets={self.n_targets} but the model has only {k} classes")
+        targets = logits.scatter(1, y[:, None], -float("inf")).topk(n_t, 1).indices
+        res = torch.full((n,), float("inf"), device=y.device)  # smallest adversarial norm found
+        for restart in range(self.restarts):
+            first = 0
+            while first < n_t:
+                live = (
+                    (res > t.eps).nonzero().squeeze(1)
+                    if self.early_stop
+                    else torch.arange(n, device=y.device)
+                )
+                if len(live) == 0:
+                    return {"": out}
+                per = max(1, min(n_t - first, self.max_rows // len(live)))
+                cols = torch.arange(first, first + per, device=y.device)
+                first += per
+                pos = live.repeat_interleave(per)
+                tt = targets[live][:, cols].reshape(-1)
+                self._pass(model, x, y, pos, tt, res, out, gen, restart > 0)
+        return {"": out}
+
+    def _pass(self, model, x, y, pos, tt, res, out, gen, random_start: bool) -> None:
+        t = self.targets[""]
+        x0, yy = x[pos], y[pos]
+        xc = x0.clone()
+        if random_start:  # inside half the smallest distance found so far (AutoAttack)
+            r = torch.minimum(res[pos], torch.full_like(res[pos], t.eps)).clamp(max=t.eps)
+            if t.norm == "linf":
+                u = 2 * torch.rand(x0.shape, generator=gen, device=x.device) - 1
+                u = u / bcast(norms(u, "linf").clamp_min(1e-12), u)
+            else:
+                u = torch.randn(x0.shape, generator=gen, device=x.device)
+                u = u / bcast(norms(u, "l2").clamp_min(1e-12), u)
+            xc = self._clamp(x0 + 0.5 * bcast(r, u) * u)
+        flat = x0.reshape(len(pos), -1)
+        for _ in range(self.steps):
+            if len(pos) == 0:
+                return
+            xg = xc.detach().requires_grad_(True)
+            with torch.enable_grad():
+                z = model(xg).float()
+                g = z.gather(1, tt[:, None]).squeeze(1) - z.gather(1, yy[:, None]).squeeze(1)
+                (w,) = torch.autograd.grad(g.sum(), xg)
+            w = w.reshape(len(pos), -1).float()
+            cur = xc.reshape(len(pos), -1).float()
+            c = -g.detach()  # w . (z - x) = -g(x): reach the linearised boundary
+            d1 = hyperplane_step(cur, w, c, t.lo, t.hi, t.norm)
+            d2 = hyperplane_step(flat.float(), w, c + (w * (cur - flat)).sum(1), t.lo, t.hi, t.norm)
+            a1 = norms(d1, t.norm).clamp_min(1e-8)
+            a2 = norms(d2, t.norm).clamp_min(1e-8)
+            a = (a1 / (a1 + a2)).clamp(0, self.alpha_max)[:, None]
+            step = (cur + self.eta * d1) * (1 - a) + (flat + self.eta * d2) * a
+            xc = self._clamp(step.reshape(xc.shape).to(xc.dtype))
+            adv = predict(model, xc).argmax(1) != yy
+            if bool(adv.any()):
+                dist = norms(xc - x0, t.norm)
+                closer = adv & (dist < res[pos])
+                if bool(closer.any()):
+                    self._record(pos, closer, dist, xc, res, out)
+                xc = torch.where(bcast(adv, xc), x0 + self.beta * (xc - x0), xc)
+            if self.early_stop:
+                keep = res[pos] > t.eps
+                if not bool(keep.all()):
+                    pos, tt, x0, yy, xc, flat = (
+                        pos[keep],
+                        tt[keep],
+                        x0[keep],
+                        yy[keep],
+                        xc[keep],
+                        flat[keep],
+                    )
+
+    def _record(self, pos, closer, dist, xc, res, out) -> None:
+        """Keep, per sample, the closest adversarial example (returned when within eps)."""
+        eps = self.targets[""].eps
+        idx = closer.nonzero().squeeze(1)
+        # several rows of one sample may improve at once: take the smallest distance
+        best = torch.full_like(res, float("inf"))
+        best.scatter_reduce_(0, pos[idx], dist[idx], reduce="amin")
+        win = idx[dist[idx] == best[pos[idx]]]
+        p = pos[win]
+        first = torch.ones_like(p, dtype=torch.bool)
+        first[1:] = p[1:] != p[:-1]
+        win, p = win[first], p[first]
+        res[p] = dist[win]
+        inside = dist[win] <= eps
+        out[p[inside]] = xc[win[inside]]
+
+    def _clamp(self, v: torch.Tensor) -> torch.Tensor:
+        t = self.targets[""]
+        return v if t.lo is None and t.hi is None else v.clamp(t.lo, t.hi)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "steps": self.steps,
+            "n_targets": self.n_targets or "min(9, K-1)",
+            "restarts": self.restarts,
+            "alpha_max": self.alpha_max,
+            "eta": self.eta,
+            "beta": self.beta,
+        }
+
+
+__all__ = ["FAB", "hyperplane_step"]
