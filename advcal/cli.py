@@ -69,7 +69,9 @@ def _add_run_args(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="capture every attack step in a CUDA graph (calibration and evaluation; CUDA only)",
+        help="capture the training attack's steps in CUDA graphs (calibration; CUDA only)"
+        if calibrate
+        else argparse.SUPPRESS,  # accepted only to say why it does not apply
     )
     p.add_argument(
         "--dist-timeout",
@@ -113,8 +115,8 @@ def _config_from_args(args, base=None):
     if getattr(args, "amp", False) and args.cmd == "calibrate":
         calib["amp"] = True
     if getattr(args, "cuda_graph", False):
+        _no_graph_in_evaluate(args)
         calib["cuda_graph"] = True
-        changes["eval"] = dataclasses.replace(cfg.eval, cuda_graph=True)
     if getattr(args, "amp", False) and args.cmd == "evaluate":
         changes["eval"] = _eval_amp(changes.get("eval", cfg.eval))
     if calib:
@@ -133,6 +135,15 @@ def _eval_amp(eval_cfg):
             "drop --amp to evaluate in fp32"
         )
     return dataclasses.replace(eval_cfg, amp=True)
+
+
+def _no_graph_in_evaluate(args) -> None:
+    if args.cmd == "evaluate" and getattr(args, "cuda_graph", False):
+        raise UserError(
+            "--cuda-graph applies to the training attack (advcal calibrate); evaluation attacks "
+            "drop each sample once it is broken (dynamic shapes), which CUDA graphs cannot "
+            "capture: drop --cuda-graph"
+        )
 
 
 def _check_cuda_flags(args, device: str) -> None:
@@ -221,8 +232,7 @@ def cmd_evaluate(args) -> int:
         run = load_run(args.run, device=args.device)
         cfg, backbone, heads, centers = run.config, run.backbone, run.heads, run.centers
         changes = {}
-        if args.cuda_graph:
-            changes["eval"] = dataclasses.replace(cfg.eval, cuda_graph=True)
+        _no_graph_in_evaluate(args)
         if args.amp:
             changes["eval"] = _eval_amp(changes.get("eval", cfg.eval))
         if args.dist_timeout is not None:

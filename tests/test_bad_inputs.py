@@ -9,6 +9,7 @@ damage a copy of the run folder first and check the copy is not changed further.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -203,24 +204,15 @@ API_CASES = [
     ("objective-tau-0", _calib(objective={"tau": 0}), "tau must be > 0, got 0.0"),
     ("objective-tau-nan", _calib(objective={"tau": NAN}), "Objective.tau must be a finite"),
     ("objective-bool", _calib(objective={"ce": True}), "Objective.ce must be a finite number"),
-    ("eval-attack-nope", _eval(attacks=["nope"]), "EvalConfig.attacks: unknown attacks ['nope']"),
-    ("eval-attacks-empty", _eval(attacks=[]), "EvalConfig.attacks: unknown attacks []"),
-    ("eval-attacks-str", _eval(attacks="pgd"), "EvalConfig.attacks must be a list of str"),
-    ("eval-restarts-3", _eval(restarts=[1, 2, 3]), "EvalConfig.restarts: 3 values for 2 attacks"),
-    ("eval-restarts-0", _eval(restarts=0), "EvalConfig needs steps, restarts and batch_size >= 1"),
-    ("eval-restarts-bool", _eval(restarts=True), "EvalConfig.restarts must be an int, or a list"),
-    ("eval-restarts-float", _eval(restarts=[1, 1.5]), "EvalConfig.restarts must be an int"),
-    ("eval-steps-float", _eval(steps=2.5), "EvalConfig.steps must be an int, got 2.5"),
-    ("eval-steps-bool", _eval(steps=True), "EvalConfig.steps must be an int, got True"),
-    ("eval-batch-0", _eval(batch_size=0), "EvalConfig needs steps, restarts and batch_size >= 1"),
+    ("eval-batch-0", _eval(batch_size=0), "batch_size >= 1"),
+    ("eval-batch-float", _eval(batch_size=2.5), "EvalConfig.batch_size must be an int, got 2.5"),
+    ("eval-eps-scale-nan", _eval(eps_scale=NAN), "EvalConfig.eps_scale must be a finite number"),
+    ("eval-gap-str", _eval(masking_gap="x"), "EvalConfig.masking_gap must be a finite number"),
     ("eval-sweep-str", _eval(sweep=["a"]), "EvalConfig.sweep must be a list of finite number"),
     ("eval-sweep-nan", _eval(sweep=[NAN]), "EvalConfig.sweep[0] must be a finite number"),
     ("eval-tau-str", _eval(tau="x"), "EvalConfig.tau must be a finite number, got 'x'"),
     ("eval-retrieval-str", _eval(retrieval="yes"), "EvalConfig.retrieval must be true or false"),
-    ("eval-weak-nope", _eval(weak_attacks=["x"]), "EvalConfig.weak_attacks: unknown attacks"),
     ("eval-seed-str", _eval(seed="1"), "EvalConfig.seed must be an int, got '1'"),
-    ("eval-graph-int", _eval(cuda_graph=1), "EvalConfig.cuda_graph must be true or false"),
-    ("eval-alpha-nan", _eval(alpha_ratio=NAN), "EvalConfig.alpha_ratio must be a finite number"),
     ("eval-noise-inf", _eval(noise=INF), "EvalConfig.noise must be a finite number, got inf"),
     ("spec-shape-0", lambda w: InputSpec((0,)), "InputSpec.shape must hold positive ints or -1"),
     ("spec-shape-str", lambda w: InputSpec((3, "32")), "InputSpec.shape must be a list of int"),
@@ -232,12 +224,64 @@ API_CASES = [
     ("spec-lo-str", lambda w: InputSpec((3,), lo="0"), "InputSpec.lo must be a finite number"),
     ("spec-space-int", lambda w: InputSpec((3,), space=3), "InputSpec.space must be a str"),
     ("calibconfig-direct", lambda w: CalibConfig(epochs="5"), "CalibConfig.epochs must be an int"),
-    ("evalconfig-direct", lambda w: EvalConfig(steps=None), "EvalConfig.steps must be an int"),
     ("objective-direct", lambda w: Objective(l2="1"), "Objective.l2 must be a finite number"),
     ("heads-empty", lambda w: CalibrationHeads([], 4), "CalibrationHeads needs at least one"),
     ("heads-kind", lambda w: CalibrationHeads(["image"], 4, kind="x"), "head kind must be one of"),
     ("device-absent", lambda w: validation.check_device("cuda:7"), "cuda"),
 ]
+
+
+# the evaluation protocol's own fields: the attacks/steps/restarts protocol, or the suite one
+_EVAL_FIELDS = {f.name for f in dataclasses.fields(EvalConfig)}
+if "steps" in _EVAL_FIELDS:
+    API_CASES += [
+        (
+            "eval-attack-nope",
+            _eval(attacks=["nope"]),
+            "EvalConfig.attacks: unknown attacks ['nope']",
+        ),
+        ("eval-attacks-empty", _eval(attacks=[]), "EvalConfig.attacks: unknown attacks []"),
+        ("eval-attacks-str", _eval(attacks="pgd"), "EvalConfig.attacks must be a list of str"),
+        (
+            "eval-restarts-3",
+            _eval(restarts=[1, 2, 3]),
+            "EvalConfig.restarts: 3 values for 2 attacks",
+        ),
+        (
+            "eval-restarts-0",
+            _eval(restarts=0),
+            "EvalConfig needs steps, restarts and batch_size >= 1",
+        ),
+        (
+            "eval-restarts-bool",
+            _eval(restarts=True),
+            "EvalConfig.restarts must be an int, or a list",
+        ),
+        ("eval-restarts-float", _eval(restarts=[1, 1.5]), "EvalConfig.restarts must be an int"),
+        ("eval-steps-float", _eval(steps=2.5), "EvalConfig.steps must be an int, got 2.5"),
+        ("eval-steps-bool", _eval(steps=True), "EvalConfig.steps must be an int, got True"),
+        ("eval-weak-nope", _eval(weak_attacks=["x"]), "EvalConfig.weak_attacks: unknown attacks"),
+        ("eval-graph-int", _eval(cuda_graph=1), "EvalConfig.cuda_graph must be true or false"),
+        (
+            "eval-alpha-nan",
+            _eval(alpha_ratio=NAN),
+            "EvalConfig.alpha_ratio must be a finite number",
+        ),
+        ("evalconfig-direct", lambda w: EvalConfig(steps=None), "EvalConfig.steps must be an int"),
+    ]
+if "suite" in _EVAL_FIELDS:
+    API_CASES += [
+        ("eval-suite-int", _eval(suite=3), "EvalConfig.suite must be"),
+        ("eval-suite-nope", _eval(suite=["nope:3"]), "nope"),
+        ("eval-weak-str", _eval(weak="pgd:10"), "EvalConfig.weak must be a list of str"),
+        ("eval-weak-apgd", _eval(weak=["apgd-ce:10"]), "is not a PGD-family attack"),
+        ("eval-workers-neg", _eval(workers=-1), "EvalConfig.workers must be >= 0"),
+        ("eval-samples-0", _eval(samples=0), "EvalConfig.samples must be >= 1"),
+        ("eval-samples-float", _eval(samples=1.5), "EvalConfig.samples must be an int, or None"),
+        ("eval-amp-str", _eval(amp="yes"), "EvalConfig.amp must be true or false, got 'yes'"),
+        ("eval-compare-int", _eval(compare=[3]), "EvalConfig.compare must be a list of str"),
+        ("evalconfig-direct", lambda w: EvalConfig(seed=None), "EvalConfig.seed must be an int"),
+    ]
 
 # -- the Python API: files -----------------------------------------------------------------------
 
@@ -491,7 +535,7 @@ CLI_CASES = [
     ("eval-run-gpu", [*EV, "--device", "gpu"], "use --device='cuda'"),
     ("eval-run-cuda9", [*EV, "--device", "cuda:9"], "available: cpu"),
     ("eval-run-amp", [*EV, "--amp"], "--amp"),
-    ("eval-run-graph", [*EV, "--cuda-graph"], "--cuda-graph captures attack steps"),
+    ("eval-run-graph", [*EV, "--cuda-graph"], "--cuda-graph applies to the training attack"),
     ("eval-out-file", [*EV, "--out", "{files}/afile"], "afile is a file, not a folder"),
     (
         "eval-amp",
