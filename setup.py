@@ -9,6 +9,7 @@ Install with ``pip install --no-build-isolation -e .`` so the build uses the ins
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -60,6 +61,11 @@ def _extensions():
     # -ffp-contract=off: no fused multiply-adds the reference's separate ops don't make, so the
     # fp32 kernels are bit-identical to advcal.ops.*_ref (see csrc/pgd_step.cpp).
     cxx = ["-O3", "-std=c++17", "-ffp-contract=off"]
+    # -fopenmp: ATen's parallel_for is inline in its headers and runs on torch's OpenMP pool
+    # (the libgomp torch ships, same soname) only when the including file is compiled with it;
+    # without it csrc/pgd_step.cpp runs on one thread (see the note there).
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx += omp
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         # kernels use explicit __fadd_rn/__fmul_rn (no fast-math: bit-exact with the reference)
@@ -69,9 +75,10 @@ def _extensions():
             cpp + cu,
             define_macros=[("ADVCAL_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_link_args=omp,
         )
     else:
-        ext = CppExtension("advcal._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("advcal._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=omp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

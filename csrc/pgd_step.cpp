@@ -12,19 +12,16 @@
 // Element arithmetic is in fp32, with one rounding to the storage type per stored value, in the
 // reference's order of operations; the extension is compiled with -ffp-contract=off so no
 // multiply-add is fused behind our back.
-// Threads: at::parallel_for splits the passes over torch's intra-op threads only when this
-// file is compiled with -fopenmp (ATen's OpenMP backend is inline in its headers); without it
-// (setup.py passes no -fopenmp today) it runs them on the calling thread. Measured on the
-// 2-core CI machine with -fopenmp: L-inf 1e5/1e6 fp32 ~1.8x faster (0.046 -> 0.025 ms, 0.43
-// -> 0.22 ms best-of-41), 1e7 near the memory bandwidth either way.
+// Threads and vectors: see the CPU section below (one fork-join for the whole list on torch's
+// OpenMP pool, multiversioned loops); measured figures in docs/performance.md.
 
 #include "pgd_step.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/DistributionsHelper.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -33,6 +30,7 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace advcal {
 
@@ -137,8 +135,135 @@ void random_start_l2_cpu(at::TensorList x_adv, at::TensorList x_orig, c10::Array
 }
 
 // ----------------------------------------------------------------------------------- CPU
+//
+// Element loops are plain C++ loops over the storage type, compiled three times (function
+// multiversioning, one ifunc resolved at load): x86-64-v4 (AVX-512 F/BW/DQ/VL), x86-64-v3 (AVX2,
+// F16C) and the baseline. gcc 12 -O3 vectorises every one of them (objdump: zmm registers in the
+// v4 clones, bf16/fp16 widened and rounded in-register with c10's bit-exact conversions).
+// Not at::vec::Vectorized: an extension built without ATen's per-capability flags only gets its
+// portable fallback (measured ~10x slower, and the old L2 passes that used it ran at 17.7 GB/s
+// vs 64 GB/s for torch.compile at 1e6); compiling this file per capability as ATen does would
+// emit c10's inline functions with AVX-512 into the shared library's COMDATs (an illegal
+// instruction on an older CPU if the linker keeps that copy). Multiversioning clones only these
+// loops.
+// Threads: one at::parallel_for over the concatenated elements of the whole list (all
+// modalities in one fork-join, chunks may straddle tensors), on torch's OpenMP pool (setup.py
+// compiles with -fopenmp; without it ATen's parallel_for runs the calling thread only, which is
+// what made the old kernel 0.56-0.65x torch.compile: one core against compile's two).
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define ADVCAL_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef ADVCAL_SIMD_CLONES
+#define ADVCAL_SIMD_CLONES
+#endif
+#define ADVCAL_INLINE inline __attribute__((always_inline))
 
-using fVec = at::vec::Vectorized<float>;
+// Minimum elements per thread. A chunk below ~64K elements (1 MiB of fp32 traffic, ~12 us at
+// the in-cache rate of one core) does not pay for waking a second thread; at 1e6 elements this
+// still uses 15 threads of 16, at 1e5 one (measured on the 2-core machine: 1e5 fp32 L-inf
+// 0.019 ms on one thread vs 0.017 ms on two; 1e6: 0.150 vs 0.083 ms).
+constexpr int64_t kGrain = 1 << 16;
+
+// Storage <-> fp32 exactly as c10 converts (bf16/fp16: round to nearest even, once), on the raw
+// bits, so the loops vectorise.
+ADVCAL_INLINE float to_f32(float v) { return v; }
+ADVCAL_INLINE float to_f32(c10::BFloat16 v) { return c10::detail::f32_from_bits(v.x); }
+ADVCAL_INLINE float to_f32(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v.x); }
+template <typename T>
+ADVCAL_INLINE T from_f32(float v);
+template <>
+ADVCAL_INLINE float from_f32<float>(float v) {
+  return v;
+}
+template <>
+ADVCAL_INLINE c10::BFloat16 from_f32<c10::BFloat16>(float v) {
+  return c10::BFloat16(c10::detail::round_to_nearest_even(v), c10::BFloat16::from_bits());
+}
+template <>
+ADVCAL_INLINE c10::Half from_f32<c10::Half>(float v) {
+  return c10::Half(c10::detail::fp16_ieee_from_fp32_value(v), c10::Half::from_bits());
+}
+
+// clamp(v, lo, hi) keeping a NaN v (lo, hi are never NaN: checked).
+ADVCAL_INLINE float clamp_keep_nan(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+// The L-inf update, the reference's operations in its order, in fp32:
+// t = x + sign(g) * alpha; t = min(max(t, x0 - eps), x0 + eps); t = min(max(t, lo), hi).
+// NaN as in torch: sign(NaN) = 0 there ((0 < g) - (g < 0), pytorch/pytorch#41245), so a NaN
+// gradient element takes no step; a compare with NaN is false, so the selects keep a NaN t
+// (from x), and the last select makes the result NaN when x0 is (torch.maximum(t, NaN) = NaN).
+// Branch-free (random signs would mispredict ~50%: 10 ns/element measured).
+template <typename T>
+ADVCAL_INLINE void linf_body(T* __restrict__ x, const T* __restrict__ g,
+                             const T* __restrict__ x0, int64_t n, float alpha, float eps,
+                             float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = to_f32(g[i]), oi = to_f32(x0[i]);
+    const float s = static_cast<float>(gi > 0.f) - static_cast<float>(gi < 0.f);
+    float t = to_f32(x[i]) + s * alpha;
+    const float lb = oi - eps, ub = oi + eps;
+    t = t < lb ? lb : t;
+    t = t > ub ? ub : t;
+    x[i] = from_f32<T>(oi != oi ? oi : clamp_keep_nan(t, lo, hi));
+  }
+}
+
+// L2, pass 1: d = (x + g * s) - x0 with s = alpha / ||g_b||, stored in x (rounded to T, as the
+// reference's d.to(x.dtype)).
+template <typename T>
+ADVCAL_INLINE void l2_dir_body(T* __restrict__ x, const T* __restrict__ g,
+                               const T* __restrict__ x0, int64_t n, float s) {
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = from_f32<T>((to_f32(x[i]) + to_f32(g[i]) * s) - to_f32(x0[i]));
+  }
+}
+
+// L2, pass 2: x = clamp(x0 + d * f, lo, hi) with f = min(eps / ||d_b||, 1) (NaN stays NaN).
+template <typename T>
+ADVCAL_INLINE void l2_proj_body(T* __restrict__ x, const T* __restrict__ x0, int64_t n, float f,
+                                float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = from_f32<T>(clamp_keep_nan(to_f32(x0[i]) + to_f32(x[i]) * f, lo, hi));
+  }
+}
+
+// L-inf random start from uniforms u in [0, 1): x = clamp(x0 + (2u - 1) eps, lo, hi).
+template <typename T>
+ADVCAL_INLINE void start_body(T* __restrict__ x, const T* __restrict__ x0,
+                              const float* __restrict__ u, int64_t n, float eps, float lo,
+                              float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = from_f32<T>(clamp_keep_nan(to_f32(x0[i]) + (2.0f * u[i] - 1.0f) * eps, lo, hi));
+  }
+}
+
+// One multiversioned entry per loop and storage type (target_clones takes plain functions).
+#define ADVCAL_DEFINE_LOOPS(T)                                                                   \
+  ADVCAL_SIMD_CLONES void linf_loop(T* x, const T* g, const T* x0, int64_t n, float alpha,     \
+                                    float eps, float lo, float hi) {                           \
+    linf_body<T>(x, g, x0, n, alpha, eps, lo, hi);                                             \
+  }                                                                                            \
+  ADVCAL_SIMD_CLONES void l2_dir_loop(T* x, const T* g, const T* x0, int64_t n, float s) {     \
+    l2_dir_body<T>(x, g, x0, n, s);                                                            \
+  }                                                                                            \
+  ADVCAL_SIMD_CLONES void l2_proj_loop(T* x, const T* x0, int64_t n, float f, float lo,        \
+                                       float hi) {                                             \
+    l2_proj_body<T>(x, x0, n, f, lo, hi);                                                      \
+  }                                                                                            \
+  ADVCAL_SIMD_CLONES void start_loop(T* x, const T* x0, const float* u, int64_t n, float eps,  \
+                                     float lo, float hi) {                                     \
+    start_body<T>(x, x0, u, n, eps, lo, hi);                                                   \
+  }
+ADVCAL_DEFINE_LOOPS(float)
+ADVCAL_DEFINE_LOOPS(c10::BFloat16)
+ADVCAL_DEFINE_LOOPS(c10::Half)
+#undef ADVCAL_DEFINE_LOOPS
 
 // fn(T{}) for the three dtypes the op takes (checked before).
 template <typename Fn>
@@ -147,161 +272,141 @@ void dispatch_float_types(at::ScalarType t, const Fn& fn) {
     case at::kFloat:
       return fn(float{});
     case at::kBFloat16:
-      return fn(at::BFloat16{});
+      return fn(c10::BFloat16{});
     case at::kHalf:
-      return fn(at::Half{});
+      return fn(c10::Half{});
     default:
       TORCH_CHECK(false, "advcal: unsupported dtype ", t);
   }
 }
 
-// x[i] <- op(x[i], a[i], b[i]) in fp32 vectors over [begin, end); a full Vectorized<T> at a
-// time, then one partial vector (no scalar copy of the maths, so the tail rounds the same way).
-template <typename T, typename Op>
-void map_inplace(T* x, const T* a, const T* b, int64_t begin, int64_t end, const Op& op) {
-  using V = at::vec::Vectorized<T>;
-  auto apply = [&](const V& xv, const V& av, const V& bv) -> V {
-    if constexpr (std::is_same_v<T, float>) {
-      return op(xv, av, bv);
-    } else {
-      auto [x0, x1] = at::vec::convert_to_float<T>(xv);
-      auto [a0, a1] = at::vec::convert_to_float<T>(av);
-      auto [b0, b1] = at::vec::convert_to_float<T>(bv);
-      return at::vec::convert_from_float<T>(op(x0, a0, b0), op(x1, a1, b1));
-    }
-  };
-  int64_t i = begin;
-  for (; i + V::size() <= end; i += V::size()) {
-    apply(V::loadu(x + i), V::loadu(a + i), V::loadu(b + i)).store(x + i);
+// One non-empty tensor of the list, placed at [begin, begin + n) of the list-wide element range.
+struct Segment {
+  void* x;
+  const void* g;
+  const void* x0;
+  int64_t begin, n;
+  int64_t m;  // elements per sample (L2)
+  at::ScalarType dtype;
+  float alpha, eps, lo, hi;
+  float* per_sample;  // L2: the current pass's per-sample factor, (n / m,) floats
+};
+
+std::vector<Segment> segments(at::TensorList x_adv, at::TensorList grad, at::TensorList x_orig,
+                              at::ArrayRef<double> alpha, at::ArrayRef<double> eps,
+                              at::ArrayRef<double> lo, at::ArrayRef<double> hi, int64_t* total) {
+  std::vector<Segment> segs;
+  segs.reserve(x_adv.size());
+  int64_t begin = 0;
+  for (size_t i = 0; i < x_adv.size(); ++i) {
+    const at::Tensor& x = x_adv[i];
+    const int64_t n = x.numel();
+    if (n == 0) continue;
+    Segment s{};
+    s.x = x.data_ptr();
+    s.g = grad.empty() ? nullptr : grad[i].const_data_ptr();
+    s.x0 = x_orig[i].const_data_ptr();
+    s.begin = begin;
+    s.n = n;
+    s.m = x.dim() == 0 ? 1 : n / x.size(0);
+    s.dtype = x.scalar_type();
+    s.alpha = alpha.empty() ? 0.f : static_cast<float>(alpha[i]);
+    s.eps = static_cast<float>(eps[i]);
+    s.lo = static_cast<float>(lo[i]);
+    s.hi = static_cast<float>(hi[i]);
+    segs.push_back(s);
+    begin += n;
   }
-  if (i < end) {
-    const int64_t c = end - i;
-    apply(V::loadu(x + i, c), V::loadu(a + i, c), V::loadu(b + i, c)).store(x + i, c);
-  }
+  *total = begin;
+  return segs;
 }
 
-fVec clamp_nan(const fVec& v, const fVec& lo, const fVec& hi) {
-  return at::vec::minimum(at::vec::maximum(v, lo), hi);
-}
-
-// The L-inf update on fp32 arrays. A plain loop of compares and selects, which the compiler
-// vectorises (gcc 12 -O3 -fopt-info-vec: "loop vectorized using 16 byte vectors"), but only to
-// the baseline ISA of an extension build, SSE, where it is compute-bound in cache. So it is
-// compiled three times (function multiversioning, resolved once at load through an ifunc):
-// AVX-512, AVX2 and the SSE default. Measured on the 2-core CI machine (AVX-512), one thread,
-// best of 41: N = 1e5 0.059 -> 0.021 ms, 1e6 0.595 -> 0.148 ms; 1e7 stays memory-bound.
-// (at::vec would not help in this build: without a CPU_CAPABILITY flag its Vectorized<float>
-// is the portable fallback, whose maximum/minimum are per-element loops with NaN branches,
-// ~10x slower, measured.) -ffp-contract=off holds for every clone: no FMA, bit-exact with the
-// reference on any of them. Same operations as the reference:
-// t = x + sign(g) * alpha; t = min(max(t, x0 - eps), x0 + eps); t = min(max(t, lo), hi).
-// NaN as in torch: sign(NaN) = 0 there ((0 < g) - (g < 0), pytorch/pytorch#41245), so a NaN
-// gradient element takes no step; a compare with NaN is false, so the selects keep a NaN t
-// (from x), and the last select makes the result NaN when x0 is (torch.maximum(t, NaN) = NaN).
-// lo and hi are never NaN (checked).
-#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define ADVCAL_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef ADVCAL_SIMD_CLONES
-#define ADVCAL_SIMD_CLONES
-#endif
-ADVCAL_SIMD_CLONES
-void linf_update_f32(float* __restrict__ x, const float* __restrict__ g,
-                     const float* __restrict__ x0, int64_t n, float alpha, float eps, float lo,
-                     float hi) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i], oi = x0[i];
-    // torch.sign, branch-free (random signs would mispredict ~50%: 10 ns/element measured)
-    const float s = static_cast<float>(gi > 0.f) - static_cast<float>(gi < 0.f);
-    float t = x[i] + s * alpha;
-    const float lb = oi - eps, ub = oi + eps;
-    t = t < lb ? lb : t;
-    t = t > ub ? ub : t;
-    t = t < lo ? lo : t;
-    t = t > hi ? hi : t;
-    x[i] = oi != oi ? oi : t;
-  }
-}
-
-// clamp(v, lo, hi) keeping a NaN v (lo, hi are not NaN).
-inline float clamp_keep_nan(float v, float lo, float hi) {
-  v = v < lo ? lo : v;
-  return v > hi ? hi : v;
-}
-
-template <typename T>
-void linf_step_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& x0, float alpha,
-                   float eps, float lo, float hi) {
-  T* xp = x.data_ptr<T>();
-  const T* gp = g.const_data_ptr<T>();
-  const T* op = x0.const_data_ptr<T>();
-  at::parallel_for(0, x.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float>) {
-      linf_update_f32(xp + begin, gp + begin, op + begin, end - begin, alpha, eps, lo, hi);
-    } else {
-      // bf16/fp16: widen a cache-sized chunk to fp32 on the stack, update, round once back.
-      constexpr int64_t kChunk = 1024;
-      float xb[kChunk], gb[kChunk], ob[kChunk];
-      for (int64_t c = begin; c < end; c += kChunk) {
-        const int64_t n = std::min(kChunk, end - c);
-        for (int64_t i = 0; i < n; ++i) {
-          xb[i] = static_cast<float>(xp[c + i]);
-          gb[i] = static_cast<float>(gp[c + i]);
-          ob[i] = static_cast<float>(op[c + i]);
-        }
-        linf_update_f32(xb, gb, ob, n, alpha, eps, lo, hi);
-        for (int64_t i = 0; i < n; ++i) xp[c + i] = static_cast<T>(xb[i]);
-      }
+// fn(segment, T-typed pointers offset to `first`, first, count) for every piece of every
+// segment, split over threads as one range: the whole list is one fork-join.
+template <typename Fn>
+void parallel_over_list(const std::vector<Segment>& segs, int64_t total, const Fn& fn) {
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    auto it = std::upper_bound(segs.begin(), segs.end(), begin,
+                               [](int64_t v, const Segment& s) { return v < s.begin; });
+    for (--it; it != segs.end() && it->begin < end; ++it) {
+      const int64_t first = std::max(begin, it->begin) - it->begin;
+      const int64_t last = std::min(end, it->begin + it->n) - it->begin;
+      fn(*it, first, last);
     }
   });
 }
 
-// Calls fn(sample, begin, end) for the parts of [begin, end) that lie in each sample of m.
+// fn(sample, first, last) for the parts of [first, last) that lie in each sample of m elements.
 template <typename Fn>
-void for_each_sample(int64_t begin, int64_t end, int64_t m, const Fn& fn) {
-  while (begin < end) {
-    const int64_t b = begin / m;
-    const int64_t stop = std::min(end, (b + 1) * m);
-    fn(b, begin, stop);
-    begin = stop;
+void for_each_sample(int64_t first, int64_t last, int64_t m, const Fn& fn) {
+  while (first < last) {
+    const int64_t b = first / m;
+    const int64_t stop = std::min(last, (b + 1) * m);
+    fn(b, first, stop);
+    first = stop;
   }
 }
 
-template <typename T>
-void l2_step_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& x0, float alpha,
-                 float eps, float lo, float hi) {
-  const int64_t n = x.numel(), m = n / x.size(0);
-  T* xp = x.data_ptr<T>();
-  const T* gp = g.const_data_ptr<T>();
-  const T* op = x0.const_data_ptr<T>();
-  // s_b = alpha / ||g_b||, one IEEE division per sample (the reference's full_like().div_()).
-  at::Tensor s = per_sample_norm(g);
-  float* sp = s.data_ptr<float>();
-  for (int64_t b = 0; b < s.numel(); ++b) sp[b] = alpha / sp[b];
-  at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    for_each_sample(begin, end, m, [&](int64_t b, int64_t lo_i, int64_t hi_i) {
-      const fVec vs(sp[b]);
-      map_inplace<T>(xp, gp, op, lo_i, hi_i,
-                     [&](fVec xv, fVec gv, fVec ov) { return (xv + gv * vs) - ov; });
+void linf_step_cpu(const std::vector<Segment>& segs, int64_t total) {
+  parallel_over_list(segs, total, [](const Segment& s, int64_t first, int64_t last) {
+    dispatch_float_types(s.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      linf_loop(static_cast<T*>(s.x) + first, static_cast<const T*>(s.g) + first,
+                static_cast<const T*>(s.x0) + first, last - first, s.alpha, s.eps, s.lo, s.hi);
     });
   });
-  // x now holds d (rounded to T, as the reference's d.to(x.dtype)); f_b = min(eps/||d_b||, 1),
-  // NaN when the norm is (clamp_(max=1) keeps a NaN; so does this select).
-  at::Tensor f = per_sample_norm(x);
-  float* fp = f.data_ptr<float>();
-  for (int64_t b = 0; b < f.numel(); ++b) {
-    const float q = eps / fp[b];
-    fp[b] = q > 1.0f ? 1.0f : q;
+}
+
+// L2: ||g|| per sample (ATen's linalg_vector_norm, the very call of the reference: bit-identical
+// norms) -> one pass writing d = x + g alpha/||g|| - x0 into x -> ||d|| per sample -> one pass
+// x = clamp(x0 + d min(1, eps/||d||)). 36 B/element fp32, (B,) temporaries only.
+void l2_step_cpu(at::TensorList x_adv, at::TensorList grad, std::vector<Segment>& segs,
+                 int64_t total) {
+  std::vector<at::Tensor> factors;  // keeps the per-sample buffers alive
+  factors.reserve(segs.size());
+  size_t k = 0;
+  for (size_t i = 0; i < x_adv.size(); ++i) {
+    if (x_adv[i].numel() == 0) continue;
+    Segment& s = segs[k++];
+    at::Tensor f = per_sample_norm(grad[i]);  // s_b = alpha / ||g_b||, one IEEE division each
+    float* fp = f.data_ptr<float>();
+    for (int64_t b = 0; b < f.numel(); ++b) fp[b] = s.alpha / fp[b];
+    s.per_sample = fp;
+    factors.push_back(std::move(f));
   }
-  const fVec vlo(lo), vhi(hi);
-  at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    for_each_sample(begin, end, m, [&](int64_t b, int64_t lo_i, int64_t hi_i) {
-      const fVec vf(fp[b]);
-      // (the middle operand is unused: x0 read once, the load hits the same cache line)
-      map_inplace<T>(xp, op, op, lo_i, hi_i,
-                     [&](fVec dv, fVec ov, fVec) { return clamp_nan(ov + dv * vf, vlo, vhi); });
+  parallel_over_list(segs, total, [](const Segment& s, int64_t first, int64_t last) {
+    dispatch_float_types(s.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      auto* x = static_cast<T*>(s.x);
+      const auto* g = static_cast<const T*>(s.g);
+      const auto* x0 = static_cast<const T*>(s.x0);
+      for_each_sample(first, last, s.m, [&](int64_t b, int64_t lo, int64_t hi) {
+        l2_dir_loop(x + lo, g + lo, x0 + lo, hi - lo, s.per_sample[b]);
+      });
+    });
+  });
+  // f_b = min(eps / ||d_b||, 1), NaN when the norm is (clamp_(max=1) keeps a NaN; so does this)
+  k = 0;
+  for (size_t i = 0; i < x_adv.size(); ++i) {
+    if (x_adv[i].numel() == 0) continue;
+    Segment& s = segs[k];
+    at::Tensor f = per_sample_norm(x_adv[i]);
+    float* fp = f.data_ptr<float>();
+    for (int64_t b = 0; b < f.numel(); ++b) {
+      const float q = s.eps / fp[b];
+      fp[b] = q > 1.0f ? 1.0f : q;
+    }
+    s.per_sample = fp;
+    factors[k++] = std::move(f);
+  }
+  parallel_over_list(segs, total, [](const Segment& s, int64_t first, int64_t last) {
+    dispatch_float_types(s.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      auto* x = static_cast<T*>(s.x);
+      const auto* x0 = static_cast<const T*>(s.x0);
+      for_each_sample(first, last, s.m, [&](int64_t b, int64_t lo, int64_t hi) {
+        l2_proj_loop(x + lo, x0 + lo, hi - lo, s.per_sample[b], s.lo, s.hi);
+      });
     });
   });
 }
@@ -309,17 +414,21 @@ void l2_step_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& x0,
 template <typename T>
 void random_start_linf_cpu(const at::Tensor& x, const at::Tensor& x0, float eps, float lo, float hi,
                            at::CPUGeneratorImpl* gen) {
-  // Serial like torch.rand on CPU and drawing the same numbers in the same order (one 24-bit
-  // uniform per element), so the result equals random_start_ref_ bit for bit; no temporary.
+  // The draws are serial, as in torch.rand on CPU, in the same order (one 24-bit uniform per
+  // element), so the result equals random_start_ref_ bit for bit; the arithmetic runs on
+  // cache-sized chunks of them with the vectorised loop. No tensor-sized temporary.
   T* xp = x.data_ptr<T>();
   const T* op = x0.const_data_ptr<T>();
   at::uniform_real_distribution<float> uniform(0.0f, 1.0f);
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) {
-    float u = uniform(gen);
-    if (u == 1.0f) u = 0.0f;  // as torch's uniform_ kernel
-    const float d = (2.0f * u - 1.0f) * eps;
-    const float v = static_cast<float>(op[i]) + d;
-    xp[i] = static_cast<T>(clamp_keep_nan(v, lo, hi));
+  constexpr int64_t kChunk = 2048;
+  float u[kChunk];
+  for (int64_t c = 0, n = x.numel(); c < n; c += kChunk) {
+    const int64_t len = std::min(kChunk, n - c);
+    for (int64_t i = 0; i < len; ++i) {
+      const float v = uniform(gen);
+      u[i] = v == 1.0f ? 0.0f : v;  // as torch's uniform_ kernel
+    }
+    start_loop(xp + c, op + c, u, len, eps, lo, hi);
   }
 }
 
@@ -328,18 +437,13 @@ void pgd_step_cpu(at::TensorList x_adv, at::TensorList grad, at::TensorList x_or
                   at::ArrayRef<double> hi, c10::string_view norm_name) {
   const PgdNorm norm = parse_norm(std::string_view(norm_name.data(), norm_name.size()));
   check_pgd_args(x_adv, grad, x_orig, alpha, eps, lo, hi, norm, c10::DeviceType::CPU, true);
-  for (size_t i = 0; i < x_adv.size(); ++i) {
-    if (x_adv[i].numel() == 0) continue;
-    const auto a = static_cast<float>(alpha[i]), e = static_cast<float>(eps[i]);
-    const auto l = static_cast<float>(lo[i]), h = static_cast<float>(hi[i]);
-    dispatch_float_types(x_adv[i].scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      if (norm == PgdNorm::kLinf) {
-        linf_step_cpu<T>(x_adv[i], grad[i], x_orig[i], a, e, l, h);
-      } else {
-        l2_step_cpu<T>(x_adv[i], grad[i], x_orig[i], a, e, l, h);
-      }
-    });
+  int64_t total = 0;
+  std::vector<Segment> segs = segments(x_adv, grad, x_orig, alpha, eps, lo, hi, &total);
+  if (segs.empty()) return;
+  if (norm == PgdNorm::kLinf) {
+    linf_step_cpu(segs, total);
+  } else {
+    l2_step_cpu(x_adv, grad, segs, total);
   }
 }
 

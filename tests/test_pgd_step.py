@@ -298,6 +298,43 @@ def test_long_mixed_list_matches_ref(norm):
         assert torch.equal(o, r), i
 
 
+# Sizes that put the CPU kernel's thread chunks (one range over the whole list, >= 64K
+# elements each) in the middle of tensors and of samples, mixed dtypes: ~420K elements.
+SPLIT_SPECS = [
+    ((3, 40001), torch.float32),
+    ((1,), torch.float32),
+    ((5, 7, 1009), torch.bfloat16),
+    ((2, 33333), torch.float16),
+    ((4, 3, 97, 101), torch.float32),
+    ((7, 17), torch.bfloat16),
+    ((2, 65537), torch.float32),
+]
+
+
+@requires_ext
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_list_split_across_threads_matches_ref(norm, threads):
+    """The CPU kernel splits the concatenated list over threads: any split gives the
+    reference's result bit for bit, every dtype, L-inf and L2 (whose per-sample factors
+    cross chunk boundaries)."""
+    xs, gs, x0s = zip(
+        *[make(sh, dt, seed=i) for i, (sh, dt) in enumerate(SPLIT_SPECS)], strict=True
+    )
+    kw = {"alpha": 0.02, "eps": 0.05, "lo": [0.0, None] * 3 + [0.1], "hi": 1.0, "norm": norm}
+    ref = [x.clone() for x in xs]
+    pgd_step_ref_(ref, gs, x0s, **kw)
+    out = [x.clone() for x in xs]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        pgd_step_(out, list(gs), list(x0s), **kw)
+    finally:
+        torch.set_num_threads(before)
+    for i, (o, r) in enumerate(zip(out, ref, strict=True)):
+        assert torch.equal(o, r), (i, SPLIT_SPECS[i])
+
+
 # ----------------------------------------------------------------------- random start
 
 

@@ -153,6 +153,8 @@ def _tensor_list(v, name: str) -> list[torch.Tensor]:
 
 
 def _floats(v, n: int, name: str, *, none: float | None = None) -> list[float]:
+    if isinstance(v, (float, int)):  # the common call: one number for every tensor
+        return [float(v)] * n
     vals = _as_list(v, n, name)
     out = []
     for i, a in enumerate(vals):
@@ -181,12 +183,13 @@ def _prepare(x_adv, grad, x_orig, alpha, eps, lo, hi, norm):
     los = _floats(lo, n, "lo", none=-math.inf)
     his = _floats(hi, n, "hi", none=math.inf)
     for i, x in enumerate(xs):
-        if x.dtype not in DTYPES:
-            raise ValueError(
-                f"x_adv[{i}] has dtype {x.dtype}; expected float32, bfloat16 or float16"
-            )
+        dtype, shape, device = x.dtype, x.shape, x.device
+        if dtype not in DTYPES:
+            raise ValueError(f"x_adv[{i}] has dtype {dtype}; expected float32, bfloat16 or float16")
         others = [("x_orig", x0s[i])] + ([("grad", gs[i])] if gs is not None else [])
         for name, t in others:
+            if t.shape == shape and t.dtype == dtype and t.device == device:
+                continue  # the common case, one comparison each; the messages below otherwise
             if t.shape != x.shape:
                 raise ValueError(
                     f"{name}[{i}] has shape {tuple(t.shape)} but x_adv[{i}] has {tuple(x.shape)}"
@@ -242,6 +245,8 @@ def _tensor_reason(tensors: list[torch.Tensor], device_type: str) -> str | None:
 
 def _make_why_not(key: str, device_type: str):
     def why_not(xs, gs, x0s, *args) -> str | None:
+        if xs[0].device.type != device_type:  # cheap first: the other device's backend
+            return f"tensor 0 is on {xs[0].device.type}, not {device_type}"
         return _ext_reason(key) or _tensor_reason([*xs, *(gs or ()), *x0s], device_type)
 
     why_not.general = lambda: _ext_reason(key)  # type: ignore[attr-defined]
