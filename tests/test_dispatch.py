@@ -65,25 +65,26 @@ def test_a_name_this_op_lacks_means_its_fast_path(monkeypatch, fake_op):
     assert _dispatch.select("fake_op", torch.ones(2)).name == "ref"
 
 
-def test_head_ce_with_backend_cuda_on_cpu_tensors_uses_the_reference(monkeypatch):
+def test_head_ce_with_backend_cuda_on_cpu_tensors_uses_its_automatic_choice(monkeypatch):
     """The same rule on a real op: ADVCAL_BACKEND=cuda leaves head_ce to its automatic choice,
-    which for CPU tensors is the reference."""
+    which for CPU tensors is the fused CPU path (float32/bfloat16; the reference otherwise)."""
     e = torch.randn(3, 8)
     c = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     y = torch.tensor([0, 1, 3])
     monkeypatch.setenv(_dispatch.BACKEND_ENV, "cuda")
-    assert _dispatch.select("head_ce", e, None, None, c, y, 0.1).name == "ref"
+    assert _dispatch.select("head_ce", e, None, None, c, y, 0.1).name == "cpu"
+    assert _dispatch.select("head_ce", e.half(), None, None, c.half(), y, 0.1).name == "ref"
 
 
 def test_chosen_by_device_judges_fused_ops_by_device(monkeypatch):
-    """On a GPU host `advcal info` must still report the reference for CPU tensors: the
+    """On a GPU host `advcal info` must still report the CPU path for CPU tensors: the
     fused ops' why_not carries a per-device check (not only the machine-wide one)."""
     monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(HEAD, "_triton_import_error", lambda: None)
     cpu, cuda = _dispatch.chosen_by_device("cpu"), _dispatch.chosen_by_device("cuda")
     for op in FUSED:
-        assert cpu[op] == "ref", (op, cpu[op])
+        assert cpu[op] == "cpu", (op, cpu[op])
         assert cuda[op] == "triton", (op, cuda[op])
     # and without a GPU, the CUDA column says why
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,9 +1,10 @@
 """head_ce / head_logits / head_target_cos: the fused path against the ``*_ref`` functions.
 
 Four tests per op (forward, gradients, opcheck, torch.compile) on CPU through the ``advcal::``
-custom ops (their CPU kernels), the Triton kernels themselves under ``TRITON_INTERPRET=1`` in a
-subprocess (the env var must be set before Triton is imported), dispatcher behaviour, and the
-full shape product on a GPU (skipped here with the reason).
+custom ops (their CPU kernels, the default CPU backend ``cpu``: also through the public API,
+with the oneDNN GEMMs on and off), the Triton kernels themselves under ``TRITON_INTERPRET=1``
+in a subprocess (the env var must be set before Triton is imported), dispatcher behaviour, and
+the full shape product on a GPU (skipped here with the reason).
 """
 
 from __future__ import annotations
@@ -226,19 +227,102 @@ def test_compile_fullgraph():
 # ------------------------------------------------------------------------------ dispatcher
 
 
-def test_dispatch_cpu_uses_ref_and_forced_triton_says_why(monkeypatch):
+def test_dispatch_cpu_uses_the_fused_cpu_kernels_and_forced_triton_says_why(monkeypatch):
     e, w, b, c, y = make_inputs(7, 33, 10, torch.float32)
     monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
     for op in ("head_ce", "head_logits", "head_target_cos"):
         assert op in _dispatch.describe()
-        assert set(_dispatch.describe()[op]) == {"triton", "ref"}
-    assert _dispatch.select("head_ce", e, w, b, c, y, TAU).name == "ref"
-    torch.testing.assert_close(ops.head_ce(e, w, b, c, y, TAU), ops.head_ce_ref(e, w, b, c, y, TAU))
+        assert set(_dispatch.describe()[op]) == {"triton", "cpu", "ref"}
+        assert _dispatch.chosen_by_device("cpu")[op] == "cpu"
+    assert _dispatch.select("head_ce", e, w, b, c, y, TAU).name == "cpu"
+    assert_close_to_ref(ops.head_ce(e, w, b, c, y, TAU), ops.head_ce_ref(e, w, b, c, y, TAU))
     monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
     with pytest.raises(_dispatch.BackendUnavailableError, match="cpu"):
         ops.head_ce(e, w, b, c, y, TAU)
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "cpu")
+    assert _dispatch.select("head_logits", e, w, b, c, TAU).name == "cpu"
     monkeypatch.setenv(_dispatch.BACKEND_ENV, "ref")
     assert _dispatch.select("head_logits", e, w, b, c, TAU).name == "ref"
+    # centers that require grad, or mixed dtypes: the reference (the op has no centers grad)
+    monkeypatch.delenv(_dispatch.BACKEND_ENV)
+    c_grad = c.clone().requires_grad_(True)
+    assert "centers.requires_grad" in HEAD._why_not_head_cpu(e, w, b, c_grad, y, TAU)
+    assert _dispatch.select("head_ce", e, w, b, c_grad, y, TAU).name == "ref"
+    assert _dispatch.select("head_ce", e.bfloat16(), w, b, c, y, TAU).name == "ref"
+
+
+# (B, D, K) where every GEMM of the forward and backward is on oneDNN (>= ONEDNN_MIN_MACS
+# multiply-adds: 257 x 1024 x 1024 projection, 257 x 1000 x 1024 logits), and the demo's shape
+# (the projection on oneDNN, the K = 10 GEMMs on MKL)
+ONEDNN_SHAPES = [(257, 1024, 1000), (128, 256, 10)]
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d", "k"), ONEDNN_SHAPES)
+@pytest.mark.parametrize("fn", FNS)
+def test_public_api_on_cpu_vs_ref(fn, bsz, d, k, dtype, onednn, monkeypatch):
+    """The default CPU path (backend ``cpu``), forward and gradients for e, W, b, at the
+    benchmark's shapes, with torch.backends.mkldnn on (oneDNN GEMMs) and off (MKL)."""
+    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    assert _dispatch.select("head_ce", *make_inputs(3, 8, 2, dtype), TAU).name == "cpu"
+    calls = count_onednn_calls(monkeypatch)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    check(call_public, fn, bsz, d, k, dtype)
+    # never with torch.backends.mkldnn off; fp32 at these shapes: at least the projection
+    # (bf16 keeps the projection in bf16 like the reference; its fp32 logits GEMM may qualify)
+    if not onednn:
+        assert calls[0] == 0, calls
+    elif dtype == torch.float32:
+        assert calls[0] > 0, calls
+
+
+def count_onednn_calls(monkeypatch) -> list[int]:
+    """Wraps the oneDNN linear HEAD.linear_cpu calls; returns the (live) call count."""
+    real = HEAD._onednn_linear()
+    assert real is not None, "this torch has no oneDNN linear: the CPU tests assume it"
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(HEAD, "_onednn_linear", lambda: counted)
+    return calls
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_gradient_for_the_embedding_only(fn):
+    """The attack's case: a frozen head (W, b without grad) asks the op for de alone."""
+    e, w, b, c, y = make_inputs(129, 1024, 1000, torch.float32)
+    le, lr = e.clone().requires_grad_(True), e.clone().requires_grad_(True)
+    out = call_public(fn, le, w, b, c, y)
+    ref = call_ref(fn, lr, w, b, c, y)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)) / out.numel() ** 0.5
+    (got,) = torch.autograd.grad(out, le, g)
+    (want,) = torch.autograd.grad(ref, lr, g)
+    assert_close_to_ref(out.detach(), ref.detach())
+    assert_close_to_ref(got, want)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "transpose"),
+    [(256, 1024, 1024, ""), (128, 256, 256, "w"), (1024, 1024, 129, "xw"), (7, 10, 33, "")],
+)
+def test_linear_cpu_matches_f_linear(m, n, k, transpose, bias):
+    """HEAD.linear_cpu (oneDNN above ONEDNN_MIN_MACS, MKL below) vs F.linear, for transposed
+    views as the backward passes them; fp32 round-off only (the error of either against fp64
+    is ~1e-6 of the scale)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(k, m, generator=g).t() if "x" in transpose else torch.randn(m, k, generator=g)
+    w = torch.randn(k, n, generator=g).t() if "w" in transpose else torch.randn(n, k, generator=g)
+    bvec = torch.randn(n, generator=g) if bias else None
+    out = HEAD.linear_cpu(x, w, bvec)
+    want = F.linear(x.double(), w.double(), None if bvec is None else bvec.double())
+    assert out.shape == (m, n) and out.dtype == torch.float32 and out.is_contiguous()
+    assert_close_to_ref(out, want.float())
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_errors_name_the_argument():

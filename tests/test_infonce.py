@@ -1,7 +1,8 @@
 """infonce: the tiled path against :func:`advcal.ops.infonce_ref`.
 
 Forward, gradients, opcheck and torch.compile on CPU through the ``advcal::infonce_*`` custom
-ops (their CPU kernels); the Triton kernels under ``TRITON_INTERPRET=1`` in a subprocess
+ops (their CPU kernels, the default CPU backend ``cpu``: also through the public API, with the
+oneDNN GEMMs on and off); the Triton kernels under ``TRITON_INTERPRET=1`` in a subprocess
 (set before Triton is imported); the dispatcher; the full sweep on a GPU (skipped here).
 """
 
@@ -88,6 +89,23 @@ def test_grads_vs_ref(bsz, d, dtype, symmetric):
     check(NCE._infonce_op, bsz, d, dtype, symmetric)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d"), [(256, 1024), (128, 256)])
+def test_public_api_on_cpu_vs_ref(bsz, d, dtype, symmetric, onednn, monkeypatch):
+    """The default CPU path (backend ``cpu``) at the benchmark's shapes, both input
+    gradients, with torch.backends.mkldnn on (oneDNN GEMMs) and off (MKL)."""
+    from test_head_ce import count_onednn_calls
+
+    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    assert _dispatch.select("infonce", *make_inputs(3, 8, dtype), TAU).name == "cpu"
+    calls = count_onednn_calls(monkeypatch)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    check(ops.infonce, bsz, d, dtype, symmetric)
+    assert (calls[0] > 0) == onednn, calls  # S = a c^T and dS c: fp32 (the CPU kernel upcasts)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tolerance_check_rejects_wrong_gradients(dtype):
     """The comparison used above can fail: a zero gradient, one 10% too large and one with a
@@ -151,9 +169,12 @@ def test_compile_fullgraph():
 def test_dispatch_and_errors(monkeypatch):
     a, c = make_inputs(7, 33, torch.float32)
     monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
-    assert set(_dispatch.describe()["infonce"]) == {"triton", "ref"}
-    assert _dispatch.select("infonce", a, c, TAU).name == "ref"
-    torch.testing.assert_close(ops.infonce(a, c, TAU), ops.infonce_ref(a, c, TAU))
+    assert set(_dispatch.describe()["infonce"]) == {"triton", "cpu", "ref"}
+    assert _dispatch.chosen_by_device("cpu")["infonce"] == "cpu"
+    assert _dispatch.select("infonce", a, c, TAU).name == "cpu"
+    assert _dispatch.select("infonce", a.half(), c.half(), TAU).name == "ref"
+    assert _dispatch.select("infonce", a, c.bfloat16(), TAU).name == "ref"  # mixed dtypes
+    assert_close_to_ref(ops.infonce(a, c, TAU), ops.infonce_ref(a, c, TAU))
     monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
     with pytest.raises(_dispatch.BackendUnavailableError, match="cpu"):
         ops.infonce(a, c, TAU)

@@ -10,13 +10,20 @@ Public functions (one dispatcher picks the backend, :mod:`advcal.ops._dispatch`)
 * :func:`head_logits` -- the ``(B, K)`` fp32 logits the evaluator uses;
 * :func:`head_target_cos` -- ``cos(z, c_y)`` per row, CrossMaxim's objective.
 
-Backends: ``triton`` (CUDA tensors; ``advcal::head_fwd`` / ``advcal::head_bwd`` custom ops whose
-CUDA kernels launch :mod:`advcal.kernels.head_ce` and whose CPU kernels are the same math in plain
-PyTorch, so eager, ``torch.compile(fullgraph=True)`` and ``opcheck`` run on CPU too) and ``ref``
-(the ``*_ref`` functions: plain PyTorch autograd; the CPU default). Triton takes float32 and
-bfloat16 (float16 inputs run on the reference, see SUPPORTED_DTYPES) and D <= 1024. Labels
-outside ``[0, K)`` raise a ValueError when they live on the host; CUDA labels are not read back
-(no sync): the kernels give such a row a NaN loss and a NaN gradient.
+Backends: ``triton`` (CUDA tensors) and ``cpu`` (CPU tensors) are the same ``advcal::head_fwd`` /
+``advcal::head_bwd`` custom ops: their CUDA kernels launch :mod:`advcal.kernels.head_ce`, their
+CPU kernels are fused PyTorch (:func:`_head_fwd_cpu`, :func:`_head_bwd_cpu`: the kernels' math
+with as few passes as it takes, the scalings folded into per-row factors, and fp32 GEMMs on
+oneDNN where that is faster, see :func:`linear_cpu`); ``ref`` is the ``*_ref`` functions (plain
+PyTorch autograd). Triton takes float32 and bfloat16 (float16 inputs run on the reference, see
+SUPPORTED_DTYPES) and D <= 1024; the CPU kernels take float32 and bfloat16 at any width (float16
+runs on the reference: CPU fp16 GEMMs are slow). Labels outside ``[0, K)`` raise a ValueError
+when they live on the host; CUDA labels are not read back (no sync): the kernels give such a row
+a NaN loss and a NaN gradient.
+
+CPU, fp32, forward+backward (grads for e, W, b), 2-core AMD EPYC (shared, interleaved rounds,
+median of paired ratios; ``benchmarks/bench_head_ce.py --cpu``): (B, D, K) = (256, 1024, 1000)
+2.1x eager and 2.0x torch.compile; (128, 256, 10) 1.3x eager, 1.3x compile (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -146,7 +153,7 @@ def _check_label_range(labels: torch.Tensor, k: int) -> None:
     for an out-of-range label, and the reference raises a device-side assert."""
     if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = int(labels.min()), int(labels.max())
+    lo, hi = (int(v) for v in torch.aminmax(labels))
     if lo < 0 or hi >= k:
         bad = lo if lo < 0 else hi
         raise ValueError(
@@ -219,6 +226,101 @@ def _always(*args, **kwargs) -> str | None:
     return None
 
 
+def cpu_why_not(tensors: dict[str, torch.Tensor | None]) -> str | None:
+    """Reason the fused CPU kernels should not take these tensors (None when they should):
+    CPU tensors of one supported float dtype (float16: the reference is as fast)."""
+    present = {k: t for k, t in tensors.items() if t is not None}
+    for name, t in present.items():
+        if t.device.type != "cpu":
+            return f"{name} is on {t.device.type} (the fused CPU kernels take CPU tensors)"
+    floats = {t.dtype for t in present.values() if t.is_floating_point()}
+    if len(floats) != 1 or not floats <= set(SUPPORTED_DTYPES):
+        return (
+            f"dtypes {sorted(map(str, floats))}: the fused CPU kernels take float32 or bfloat16, "
+            "one dtype for every tensor"
+        )
+    return None
+
+
+def cpu_on_device(device: str) -> str | None:
+    return None if device == "cpu" else f"takes CPU tensors, not {device}"
+
+
+def _why_not_head_cpu(e, weight, bias, centers, *args, **kwargs) -> str | None:
+    if centers.requires_grad:
+        return "centers.requires_grad (the fused op treats the centers as fixed: no gradient)"
+    return cpu_why_not({"e": e, "weight": weight, "bias": bias, "centers": centers})
+
+
+_why_not_head_cpu.general = lambda: None  # type: ignore[attr-defined]
+_why_not_head_cpu.device = cpu_on_device  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------- CPU building blocks
+
+# oneDNN's fp32 GEMM against MKL's (what torch.mm/F.linear use for fp32 on CPU), measured on the
+# 2-core AMD EPYC (Zen 5) machine, 2 threads: 256x1024x1024 1.32 vs 3.10 ms (oneDNN runs AVX-512
+# there, MKL its AVX2 path), 128x256x256 0.065 vs 0.106 ms, but 128x10x256 0.023 vs 0.016 ms
+# (oneDNN's ~20 us fixed cost per call). Same fp32 arithmetic (max error vs fp64 1e-6 relative,
+# MKL 4e-7). Below this many multiply-adds, MKL.
+ONEDNN_MIN_MACS = 1 << 21
+
+
+@functools.cache
+def _onednn_linear():
+    """``torch.ops.mkldnn._linear_pointwise`` (the dense-input oneDNN linear inductor's CPU
+    backend uses) when this torch has it, else None."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def linear_cpu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w^T (+ bias)`` (x (M, K), w (N, K), any strides): on oneDNN for fp32 CPU tensors of
+    at least ONEDNN_MIN_MACS multiply-adds (unless ``torch.backends.mkldnn`` is disabled), else
+    ``F.linear``. Returns a fresh contiguous (M, N) tensor."""
+    fn = _onednn_linear()
+    if (
+        fn is not None
+        and x.dtype == torch.float32
+        and w.dtype == torch.float32
+        and x.device.type == "cpu"
+        and torch.backends.mkldnn.enabled
+        and x.shape[0] * w.shape[0] * x.shape[1] >= ONEDNN_MIN_MACS
+    ):
+        return fn(x, w, bias, "none", [], "")
+    return F.linear(x, w, bias)
+
+
+def _row_normalize_bwd(z: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Gradient through ``u = z / max(|z|, eps)`` (F.normalize) of ``du = v * s[:, None]``:
+    ``dz = (du - u (u . du)) / |z|`` = ``v (s/|z|) - z (s (z . v) / |z|^3)``, so ``du`` and ``u``
+    are never formed; where ``|z| < eps`` the norm is clamped and ``dz = du / eps``. fp32."""
+    nrm = torch.linalg.vector_norm(z, dim=1)
+    rn = nrm.clamp_min(NORM_EPS).reciprocal_()
+    a = s * rn
+    b = torch.where(nrm >= NORM_EPS, torch.linalg.vecdot(z, v) * a * rn * rn, 0.0)
+    return (v * a[:, None]).addcmul_(z, b[:, None], value=-1.0)
+
+
+def _project_cpu(e, weight, bias, residual) -> torch.Tensor:
+    """The head's output ``z`` (B, D) in fp32, a fresh tensor (it is an op output). fp32: on
+    oneDNN where it pays (:func:`linear_cpu`); bf16: the GEMM in bf16 as the reference does
+    (ATen runs it on oneDNN), the residual added in fp32."""
+    f32 = torch.float32
+    if weight is None:
+        z = e.to(f32, copy=True)
+        return z if bias is None else z.add_(bias)
+    if e.dtype != f32 and weight.dtype == e.dtype:
+        z = F.linear(e, weight, None if bias is None else bias.to(e.dtype)).to(f32)
+    else:  # fp32, or mixed dtypes: everything in fp32
+        z = linear_cpu(e.to(f32), weight.to(f32), None if bias is None else bias.to(f32))
+    return z.add_(e) if residual else z
+
+
 # ------------------------------------------------------------------------- custom ops
 
 
@@ -244,27 +346,33 @@ def head_fwd(
     fp32 in CE mode when ``with_pc`` (``dCE/du = pc / tau``: all the backward needs), else
     empty.
 
-    This body is the CPU kernel: the kernels' math in plain fp32 PyTorch."""
+    This body is the CPU kernel (:func:`_head_fwd_cpu`)."""
+    return _head_fwd_cpu(e, weight, bias, centers, labels, tau, residual, mode, with_pc)
+
+
+def _head_fwd_cpu(e, weight, bias, centers, labels, tau, residual, mode, with_pc):
+    """The CPU kernel of ``advcal::head_fwd``: fp32 math, the norm folded into per-row factors
+    (``logits = (z C^T) (1 / (|z| tau))`` row by row, ``u`` never formed), one log-sum-exp pass,
+    and the softmax turned in place into ``P - onehot(y)`` so that ``pc`` is one GEMM."""
     f32 = torch.float32
-    z = project_ref(
-        e.to(f32),
-        None if weight is None else weight.to(f32),
-        None if bias is None else bias.to(f32),
-        residual,
-    )
-    if weight is None and bias is None:  # identity head: z would alias e (outputs may not)
-        z = z.clone()
-    u = F.normalize(z, dim=-1, eps=NORM_EPS)
+    z = _project_cpu(e, weight, bias, residual)
     c = centers.to(f32)
+    rn = torch.linalg.vector_norm(z, dim=1).clamp_min_(NORM_EPS).reciprocal_()
     empty = z.new_empty(0)
     if mode == MODE_COS:
-        return (u * c[labels.long()]).sum(-1), z, empty
-    logits = u @ c.T / tau
+        y = labels.long()
+        return torch.linalg.vecdot(z, c.index_select(0, y)).mul_(rn), z, empty
+    logits = linear_cpu(z, c).mul_((rn / tau)[:, None])
     if mode == MODE_LOGITS:
         return logits, z, empty
-    loss = F.cross_entropy(logits, labels.long(), reduction="none")
-    pc = logits.softmax(-1) @ c - c[labels.long()] if with_pc else empty
-    return loss, z, pc
+    y = labels.long()
+    lse = torch.logsumexp(logits, 1)
+    loss = lse - logits.gather(1, y[:, None]).squeeze(1)
+    if not with_pc:
+        return loss, z, empty
+    p = logits.sub_(lse[:, None]).exp_()  # softmax, in place (the logits are not returned)
+    p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+    return loss, z, linear_cpu(p, c.t())
 
 
 @head_fwd.register_fake
@@ -300,15 +408,21 @@ def _weight_grads(
     need_e, need_w, need_b = need
     # three distinct empties: custom-op outputs may not alias each other
     de, dw, db = dz.new_empty(0), dz.new_empty(0), dz.new_empty(0)
+    cpu = dz.device.type == "cpu"
     if need_e:
         if weight is None:
             de = dz
         else:
             w = weight.to(dz.dtype)
-            de = torch.addmm(dz, dz, w) if residual else dz @ w
+            if cpu:  # oneDNN where it pays (linear_cpu)
+                de = linear_cpu(dz, w.t())
+                de = de.add_(dz) if residual else de
+            else:
+                de = torch.addmm(dz, dz, w) if residual else dz @ w
         de = de.to(e.dtype)
     if need_w and weight is not None:
-        dw = (dz.T @ e.to(dz.dtype)).to(weight.dtype)
+        ec = e.to(dz.dtype)
+        dw = (linear_cpu(dz.t(), ec.t()) if cpu else dz.T @ ec).to(weight.dtype)
     if need_b and bias is not None:
         db = dz.sum(0, dtype=bias.dtype)  # one launch; bf16/fp16 sums accumulate in fp32
     return de, dw, db
@@ -338,21 +452,19 @@ def head_bwd(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(de, dW, db)`` (empty where not needed) from the output's gradient ``grad`` (``(B,)``
-    for CE/COS, ``(B, K)`` for LOGITS). CPU kernel: the Triton math in plain PyTorch."""
+    for CE/COS, ``(B, K)`` for LOGITS). This body is the CPU kernel: ``dz`` from
+    :func:`_row_normalize_bwd` (``du = pc grad / tau``, ``grad C / tau`` or ``c_y grad``), then
+    the weight gradients' GEMMs (:func:`_weight_grads`)."""
     f32 = torch.float32
     c = centers.to(f32)
-    nrm = z.norm(dim=-1, keepdim=True)
-    rn = 1.0 / nrm.clamp_min(NORM_EPS)
-    u = z * rn
+    g = grad.to(f32)
     if mode == MODE_LOGITS:
-        du = grad.to(f32) @ c / tau
+        dz = _row_normalize_bwd(z, linear_cpu(g, c.t()), z.new_full((z.shape[0],), 1.0 / tau))
     elif mode == MODE_CE:
-        du = pc * (grad.to(f32) / tau)[:, None]
+        dz = _row_normalize_bwd(z, pc, g / tau)
     else:
-        du = c[labels.long()] * grad.to(f32)[:, None]
-    udu = torch.where(nrm >= NORM_EPS, (u * du).sum(-1, keepdim=True), 0.0)
-    dz = ((du - u * udu) * rn).to(e.dtype)
-    return _weight_grads(dz, e, weight, bias, residual, (need_e, need_w, need_b))
+        dz = _row_normalize_bwd(z, c.index_select(0, labels.long()), g)
+    return _weight_grads(dz.to(e.dtype), e, weight, bias, residual, (need_e, need_w, need_b))
 
 
 @head_bwd.register_fake
@@ -447,16 +559,20 @@ def _head_target_cos_op(e, weight, bias, centers, labels, *, residual=True):
     return cos
 
 
+# triton and cpu are the same custom ops (CUDA / CPU kernels); the reference is last
 _dispatch.register(
     "head_ce", [_dispatch.Backend("triton", _head_ce_op, _why_not_head),
+                _dispatch.Backend("cpu", _head_ce_op, _why_not_head_cpu),
                 _dispatch.Backend("ref", head_ce_ref, _always)],
 )  # fmt: skip
 _dispatch.register(
     "head_logits", [_dispatch.Backend("triton", _head_logits_op, _why_not_head),
+                    _dispatch.Backend("cpu", _head_logits_op, _why_not_head_cpu),
                     _dispatch.Backend("ref", head_logits_ref, _always)],
 )  # fmt: skip
 _dispatch.register(
     "head_target_cos", [_dispatch.Backend("triton", _head_target_cos_op, _why_not_head),
+                        _dispatch.Backend("cpu", _head_target_cos_op, _why_not_head_cpu),
                         _dispatch.Backend("ref", head_target_cos_ref, _always)],
 )  # fmt: skip
 

@@ -3,12 +3,18 @@
 ``loss = mean_i CE(normalize(z_adv_i) . normalize(z_clean_j) / tau over j, target i)``;
 ``symmetric=True`` averages with the transposed direction.
 
-Backends: ``triton`` (CUDA tensors; ``advcal::infonce_fwd`` / ``advcal::infonce_bwd`` custom ops
-whose CUDA kernels run the tiled kernels of :mod:`advcal.kernels.infonce` -- the ``B x B``
-similarity matrix never reaches global memory, only per-row log-sum-exps -- and whose CPU kernels
-are the same math in plain PyTorch) and ``ref`` (:func:`infonce_ref`, the CPU default). Triton
-takes float32 and bfloat16 and D <= 1024; float16 runs on the reference (its dS ~ 1/B^2 would
-underflow in the kernels' fp16 dot).
+Backends: ``triton`` (CUDA tensors) and ``cpu`` (CPU tensors) are the same
+``advcal::infonce_fwd`` / ``advcal::infonce_bwd`` custom ops: the CUDA kernels run the tiled
+kernels of :mod:`advcal.kernels.infonce` (the ``B x B`` similarity matrix never reaches global
+memory, only per-row log-sum-exps), the CPU kernels are fused PyTorch that does materialise it
+(the norms folded into row/column factors of ``S``, the identity subtracted on the diagonal in
+place, fp32 GEMMs on oneDNN where that is faster: :func:`advcal.ops.head_ce.linear_cpu`); ``ref``
+is :func:`infonce_ref`. Triton takes float32 and bfloat16 and D <= 1024; the CPU kernels float32
+and bfloat16; float16 runs on the reference (its dS ~ 1/B^2 would underflow in the kernels' fp16
+dot).
+
+CPU, fp32, forward+backward (gradient for z_adv), 2-core AMD EPYC (shared, interleaved rounds,
+median of paired ratios; ``benchmarks/bench_infonce.py --device cpu``): see docs/performance.md.
 """
 
 from __future__ import annotations
@@ -17,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from advcal.ops import _dispatch
-from advcal.ops.head_ce import triton_general, triton_on_device, triton_why_not
+from advcal.ops.head_ce import (
+    _row_normalize_bwd,
+    cpu_on_device,
+    cpu_why_not,
+    linear_cpu,
+    triton_general,
+    triton_on_device,
+    triton_why_not,
+)
 
 NORM_EPS = 1e-12
 
@@ -73,15 +87,21 @@ def infonce_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss (), 1/|a| (B,), 1/|c| (B,), lse_row (B,), lse_col (B,) or empty)``, fp32.
 
-    This body is the CPU kernel (materialises S: it is the reference math, not the tiling)."""
+    This body is the CPU kernel (it materialises S, once: the tiling is the GPU's)."""
     a, c = z_adv.float(), z_clean.float()
-    rn_a = 1.0 / a.norm(dim=-1).clamp_min(NORM_EPS)
-    rn_c = 1.0 / c.norm(dim=-1).clamp_min(NORM_EPS)
-    s = (a * rn_a[:, None]) @ (c * rn_c[:, None]).T / tau
+    rn_a = torch.linalg.vector_norm(a, dim=1).clamp_min_(NORM_EPS).reciprocal_()
+    rn_c = torch.linalg.vector_norm(c, dim=1).clamp_min_(NORM_EPS).reciprocal_()
+    s = _similarity(a, c, rn_a, rn_c, tau)
     cos = s.diagonal() * tau
     lse_r = s.logsumexp(-1)
     lse_c = s.logsumexp(0) if symmetric else a.new_empty(0)
     return _loss(cos, lse_r, lse_c if symmetric else None, tau), rn_a, rn_c, lse_r, lse_c
+
+
+def _similarity(a, c, rn_a, rn_c, tau) -> torch.Tensor:
+    """``S = normalize(a) normalize(c)^T / tau`` (B, B) fp32 as ``(a c^T) * (rn_a / tau) rn_c^T``:
+    the normalised rows are never formed."""
+    return linear_cpu(a, c).mul_((rn_a / tau)[:, None]).mul_(rn_c[None, :])
 
 
 @infonce_fwd.register_fake
@@ -104,14 +124,6 @@ def _infonce_fwd_cuda(z_adv, z_clean, tau, symmetric):
     return loss, rn_a, rn_c, lse_r, lse_c if symmetric else lse_r.new_empty(0)
 
 
-def _normalize_bwd(x: torch.Tensor, rn: torch.Tensor, dxn: torch.Tensor) -> torch.Tensor:
-    """F.normalize backward: ``(dxn - xn (xn . dxn)) / |x|``; ``dxn / eps`` where clamped."""
-    xn = x * rn[:, None]
-    unclamped = x.norm(dim=-1, keepdim=True) >= NORM_EPS
-    xdx = torch.where(unclamped, (xn * dxn).sum(-1, keepdim=True), 0.0)
-    return (dxn - xn * xdx) * rn[:, None]
-
-
 @torch.library.custom_op(
     "advcal::infonce_bwd",
     mutates_args=(),
@@ -132,20 +144,27 @@ def infonce_bwd(
     need_clean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d z_adv, d z_clean)`` in the inputs' dtypes (empty where not needed). CPU kernel:
-    ``dS = g (w_r (P - I) + w_c (Q - I))``, P/Q the row/column softmaxes of S."""
+    ``dS = g (w_r (P - I) + w_c (Q - I))``, P/Q the row/column softmaxes of S (recomputed:
+    the op saves only the per-row statistics), ``d a = normalize_bwd(dS c_n / tau)``,
+    ``c_n = c rn_c`` folded into dS's columns."""
     a, c = z_adv.float(), z_clean.float()
-    an, cn = a * rn_a[:, None], c * rn_c[:, None]
-    s = an @ cn.T / tau
+    s = _similarity(a, c, rn_a, rn_c, tau)
     w_r, w_c = _weights(a.shape[0], symmetric)
-    eye = torch.eye(a.shape[0], dtype=s.dtype, device=s.device)
-    ds = w_r * ((s - lse_r[:, None]).exp() - eye)
+    g = grad.float()
     if symmetric:
-        ds = ds + w_c * ((s - lse_c[None, :]).exp() - eye)
-    ds = ds * grad.float()
-    da = _normalize_bwd(a, rn_a, ds @ cn / tau).to(z_adv.dtype) if need_adv else a.new_empty(0)
-    dc = (
-        _normalize_bwd(c, rn_c, ds.T @ an / tau).to(z_clean.dtype) if need_clean else a.new_empty(0)
-    )
+        ds = (s - lse_r[:, None]).exp_().mul_(w_r * g)
+        ds.add_((s.sub_(lse_c[None, :])).exp_().mul_(w_c * g))
+    else:
+        ds = s.sub_(lse_r[:, None]).exp_().mul_(w_r * g)
+    ds.diagonal().sub_((w_r + w_c) * g)
+    inv_tau = a.new_full((a.shape[0],), 1.0 / tau)
+    da, dc = a.new_empty(0), a.new_empty(0)  # distinct: outputs may not alias
+    if need_adv:
+        da = _row_normalize_bwd(a, linear_cpu(ds * rn_c[None, :], c.t()), inv_tau)
+        da = da.to(z_adv.dtype)
+    if need_clean:
+        dc = _row_normalize_bwd(c, linear_cpu(ds.t() * rn_a[None, :], a.t()), inv_tau)
+        dc = dc.to(z_clean.dtype)
     return da, dc
 
 
@@ -208,12 +227,22 @@ _why_not_infonce.general = triton_general  # type: ignore[attr-defined]  # for `
 _why_not_infonce.device = triton_on_device  # type: ignore[attr-defined]
 
 
+def _why_not_infonce_cpu(z_adv, z_clean, *args, **kwargs) -> str | None:
+    return cpu_why_not({"z_adv": z_adv, "z_clean": z_clean})
+
+
+_why_not_infonce_cpu.general = lambda: None  # type: ignore[attr-defined]
+_why_not_infonce_cpu.device = cpu_on_device  # type: ignore[attr-defined]
+
+
 def _always(*args, **kwargs) -> str | None:
     return None
 
 
+# triton and cpu are the same custom ops (CUDA / CPU kernels); the reference is last
 _dispatch.register(
     "infonce", [_dispatch.Backend("triton", _infonce_op, _why_not_infonce),
+                _dispatch.Backend("cpu", _infonce_op, _why_not_infonce_cpu),
                 _dispatch.Backend("ref", infonce_ref, _always)],
 )  # fmt: skip
 
