@@ -12,7 +12,12 @@ autocast (eager, torch.compile default / reduce-overhead) and ``advcal_bf16``. A
 B=16384: ``peak_mem_mb`` of advcal <= 10% of ``eager_bf16_autocast``'s, and
 ``x_eager_bf16_autocast`` >= 1.
 
-    python benchmarks/bench_infonce.py [--quick] [--json out.json]
+CPU (``--device cpu``): ``eager_fp32``, ``compile_fp32`` and ``advcal_fp32[<backend>]`` at
+(B, D) = (128, 256) and (256, 1024), interleaved rounds, paired ratios ``p_eager_fp32`` /
+``p_compile_fp32`` (see bench_head_ce)::
+
+    python benchmarks/bench_infonce.py --device cpu --json benchmarks/results/infonce_cpu.json
+    python benchmarks/bench_infonce.py [--quick] [--json out.json]      # GPU: the full sweep
 """
 
 from __future__ import annotations
@@ -26,15 +31,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import advcal.ops as ops
 from advcal.ops import _dispatch
-from benchmarks.bench_head_ce import BASELINES, PHASES, make_phase
+from benchmarks.bench_head_ce import (
+    BASELINES,
+    CPU_BASELINES,
+    PHASES,
+    add_arguments,
+    make_phase,
+    parse_shapes,
+    select_arms,
+)
 from benchmarks.harness import Case, Table, matmul_rate, parser, run_sweep
 
 TAU = 0.1
+CPU_SHAPES = ((128, 256), (256, 1024))  # (B, D) as bench_head_ce's CPU shapes
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, device: torch.device | None = None) -> list[Case]:
     if quick:
         return [Case(f"B{b}_D64", {"B": b, "D": 64}) for b in (8, 65)]
+    if device is not None and device.type == "cpu":
+        return [Case(f"B{b}_D{d}", {"B": b, "D": d}) for b, d in CPU_SHAPES]
     return [Case(f"B{b}_D1024", {"B": b, "D": 1024}) for b in (64, 256, 1024, 4096, 16384)]
 
 
@@ -61,7 +77,9 @@ def reference(autocast: bool) -> Callable[..., torch.Tensor]:
     return loss
 
 
-def arms(device: torch.device, phase: str) -> dict[str, Callable[[Case], Callable[[], object]]]:
+def arms(
+    device: torch.device, phase: str, no_compile: bool = False
+) -> dict[str, Callable[[Case], Callable[[], object]]]:
     def eager(dtype, autocast=False):
         def make(case):
             a, c = inputs(case, device, dtype)
@@ -70,42 +88,62 @@ def arms(device: torch.device, phase: str) -> dict[str, Callable[[Case], Callabl
 
         return make
 
-    def compiled(mode):
+    def compiled(mode, dtype=torch.bfloat16, autocast=True):
         def make(case):
-            if device.type != "cuda":
-                raise NotImplementedError("torch.compile arms run on GPU only")
-            a, c = inputs(case, device, torch.bfloat16)
-            f = torch.compile(reference(autocast=True), mode=mode)
+            if no_compile:
+                raise NotImplementedError("--no-compile")
+            if device.type != "cuda" and dtype != torch.float32:
+                raise NotImplementedError("bf16 torch.compile arms run on GPU only")
+            a, c = inputs(case, device, dtype)
+            f = torch.compile(reference(autocast=autocast), mode=mode)
             return make_phase(lambda: f(a, c), [a], phase)
 
         return make
 
-    def advcal(case):
-        a, c = inputs(case, device, torch.bfloat16)
-        return make_phase(lambda: ops.infonce(a, c, TAU), [a], phase)
+    def advcal(dtype):
+        def make(case):
+            a, c = inputs(case, device, dtype)
+            return make_phase(lambda: ops.infonce(a, c, TAU), [a], phase)
 
+        return make
+
+    if device.type == "cpu":
+        backend = _dispatch.select("infonce", *inputs(cases(True)[0], device, torch.float32), TAU)
+        return {
+            "eager_fp32": eager(torch.float32),
+            "compile_fp32": compiled("default", torch.float32, autocast=False),
+            f"advcal_fp32[{backend.name}]": advcal(torch.float32),
+        }
     backend = _dispatch.select("infonce", *inputs(cases(True)[0], device, torch.bfloat16), TAU)
     return {
         "eager_fp32": eager(torch.float32),
         "eager_bf16_autocast": eager(torch.bfloat16, autocast=True),
         "compile_default_bf16_autocast": compiled("default"),
         "compile_reduce_overhead_bf16_autocast": compiled("reduce-overhead"),
-        f"advcal_bf16[{backend.name}]": advcal,
+        f"advcal_bf16[{backend.name}]": advcal(torch.bfloat16),
     }
 
 
 def main(argv: list[str] | None = None) -> Table:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
     device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    rounds = args.rounds or ((3 if args.quick else 9) if cpu else 1)
+    phases = args.phases.split(",") if args.phases else PHASES
     limits = {"matmul_tflops": matmul_rate(device)}
-    table = Table("infonce", device, limits, baselines=BASELINES)
-    for phase in PHASES:
+    table = Table("infonce", device, limits, baselines=CPU_BASELINES if cpu else BASELINES)
+    sweep = parse_shapes(args.shapes, "BD") if args.shapes else cases(args.quick, device)
+    for phase in phases:
         run_sweep(
             table,
-            cases(args.quick),
-            arms(device, phase),
+            sweep,
+            select_arms(arms(device, phase, no_compile=args.no_compile), args.arms),
             phase=phase,
             flops=lambda case, phase=phase: flops(case, phase),
+            rounds=rounds,
+            reps=args.reps,
         )
     table.print()
     if args.json:

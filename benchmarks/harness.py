@@ -13,6 +13,13 @@ arm named in ``Table(baselines=...)`` (e.g. ``x_compile_default_bf16_autocast``,
 torch.compile" reads off directly), and ``x_best_other``: against the fastest arm whose name
 does not start with the table's ``subject`` (``advcal``). An arm that fails is recorded with
 its error (``Result.error``), shown in the table and the JSON, and the sweep goes on.
+
+Interleaved rounds (``run_sweep(..., rounds=R)``, R > 1): every arm of a case is built first,
+then timed round by round, one block of calls per arm per round, the arms' order rotating from
+round to round, so a neighbour's burst on a shared machine hits every arm alike. Each round's
+median is kept (``Result.round_ms``) and ratios are also paired per round
+(:meth:`Table.paired`: the min, median and max over rounds of ``baseline round / arm round``),
+printed as ``p_<arm>`` columns and written to the JSON as ``paired``.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ class Result:
     peak_mem_mb: float | None = None
     extra: dict = field(default_factory=dict)
     error: str | None = None  # "skipped: <why>" or "<ExceptionType>: <message>"
+    round_ms: tuple[float, ...] = ()  # per-round medians, interleaved runs (run_sweep rounds > 1)
 
     @property
     def ok(self) -> bool:
@@ -76,6 +84,25 @@ class Result:
         if self.bytes is None or not self.ok:
             return None
         return self.bytes / (self.timing.median_ms * 1e-3) / 1e9
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Ratios ``baseline round time / arm round time`` over interleaved rounds (> 1: the arm is
+    faster), each round's pair timed back to back."""
+
+    baseline: str
+    min: float
+    median: float
+    max: float
+    rounds: int
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or not self.min <= self.median <= self.max:
+            raise ValueError(f"inconsistent paired ratios {self}")
+
+    def __str__(self) -> str:
+        return f"{self.median:.3g} [{self.min:.3g}-{self.max:.3g}]"
 
 
 def _sync(device: torch.device) -> None:
@@ -109,6 +136,60 @@ def measure(
         times.append((time.perf_counter() - t0) * 1e3)
     qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), qs[1], qs[7], "host")
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device | str,
+    *,
+    rounds: int = 7,
+    reps: int = 5,
+    warmup: int = 2,
+) -> dict[str, tuple[Timing, tuple[float, ...]]]:
+    """Times every ``fns`` entry in ``rounds`` interleaved rounds; per arm the Timing over all
+    its calls and the per-round medians. CPU: ``reps`` host-timed calls per arm per round
+    (after ``warmup`` calls per arm, once); CUDA: one short ``do_bench`` per arm per round
+    (its median). The order of the arms rotates by one each round."""
+    if rounds < 1 or reps < 1:
+        raise ValueError(f"rounds={rounds} and reps={reps} must be >= 1")
+    device = torch.device(device)
+    names = list(fns)
+    calls: dict[str, list[float]] = {k: [] for k in names}
+    per_round: dict[str, list[float]] = {k: [] for k in names}
+    if device.type != "cuda":
+        for k in names:
+            for _ in range(warmup):
+                fns[k]()
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            if device.type == "cuda":
+                from triton.testing import do_bench
+
+                ms = float(do_bench(fns[k], warmup=5, rep=20))
+                times = [ms]
+            else:
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    times.append((time.perf_counter() - t0) * 1e3)
+            calls[k].extend(times)
+            per_round[k].append(statistics.median(times))
+    out = {}
+    clock = "cuda-events" if device.type == "cuda" else "host"
+    for k in names:
+        ts = calls[k]
+        qs = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+        out[k] = (Timing(statistics.median(ts), qs[1], qs[7], clock), tuple(per_round[k]))
+    return out
+
+
+def paired(base_rounds: Sequence[float], arm_rounds: Sequence[float], baseline: str) -> Paired:
+    """Per-round ratios ``base / arm`` of two equally long interleaved runs."""
+    if len(base_rounds) != len(arm_rounds) or not base_rounds:
+        raise ValueError(f"{len(base_rounds)} vs {len(arm_rounds)} rounds: not paired")
+    ratios = sorted(b / a for b, a in zip(base_rounds, arm_rounds, strict=True))
+    return Paired(baseline, ratios[0], statistics.median(ratios), ratios[-1], len(ratios))
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
@@ -229,6 +310,22 @@ class Table:
         best = min(others, key=lambda x: x.timing.median_ms, default=None)
         return self._ratio(best, r)
 
+    def paired(self, r: Result, arm: str) -> Paired | None:
+        """Per-round paired ratios of ``arm`` (the baseline) over ``r``; None unless both ran
+        the same interleaved rounds."""
+        base = next((x for x in self._peers(r) if x.arm == arm), None)
+        if base is None or not base.ok or not r.ok or not r.round_ms:
+            return None
+        if len(base.round_ms) != len(r.round_ms):
+            return None
+        return paired(base.round_ms, r.round_ms, arm)
+
+    def paired_all(self, r: Result) -> dict[str, Paired | None]:
+        """Against the case's first arm and every named baseline."""
+        first = self._peers(r)[0].arm
+        arms = dict.fromkeys([first, *self.baselines])
+        return {arm: self.paired(r, arm) for arm in arms}
+
     def ratios(self, r: Result) -> dict[str, float | None]:
         out = {"speedup": self.speedup(r)}
         out.update({f"x_{arm}": self.speedup_vs(r, arm) for arm in self.baselines})
@@ -256,6 +353,8 @@ class Table:
                 row["frac_matmul"] = r.tflops / self.limits["matmul_tflops"]
             if r.gbps is not None and "copy_gbps" in self.limits:
                 row["frac_copy"] = r.gbps / self.limits["copy_gbps"]
+            for arm, p in self.paired_all(r).items():
+                row[f"p_{arm}"] = p
             rows.append(row)
         return rows
 
@@ -263,10 +362,13 @@ class Table:
         rows = self.rows()
         ratio_cols = list(self.ratios(self.results[0])) if self.results else ["speedup"]
         cols = ["case", "arm", "phase", "median_ms", "p20_ms", "p80_ms", *ratio_cols]
-        for opt in ("tflops", "frac_matmul", "gbps", "frac_copy", "peak_mem_mb", "error"):
+        paired_cols = list(dict.fromkeys(c for r in rows for c in r if c.startswith("p_")))
+        for opt in ("tflops", "frac_matmul", "gbps", "frac_copy", *paired_cols, "peak_mem_mb",
+                    "error"):  # fmt: skip
             if any(r.get(opt) is not None for r in rows):
                 cols.append(opt)
         fmt = {c: (lambda v: "-" if v is None else f"{v:.4g}") for c in cols}
+        fmt.update({c: (lambda v: "-" if v is None else str(v)) for c in paired_cols})
         fmt.update({c: (lambda v: "" if v is None else str(v)) for c in ("case", "arm", "phase")})
         fmt["error"] = lambda v: "" if v is None else str(v)[:120]
         cells = [[fmt[c](r.get(c)) for c in cols] for r in rows]
@@ -284,6 +386,10 @@ class Table:
         legend += [f"x_{a} = vs {a}" for a in self.baselines]
         legend.append(f"x_best_other = vs the fastest arm not named {self.subject}*")
         print("ratios are baseline median / arm median: " + "; ".join(legend))
+        if any(r.round_ms for r in self.results):
+            rounds = max(len(r.round_ms) for r in self.results)
+            print(f"p_<arm> = paired per round over {rounds} interleaved rounds, "
+                  "<arm> round / this arm's round: median [min-max]")  # fmt: skip
 
     def write_json(self, path: str | Path) -> None:
         payload = {
@@ -292,7 +398,16 @@ class Table:
             "limits": self.limits,
             "baselines": list(self.baselines),
             "results": [
-                {**asdict(r), "tflops": r.tflops, "gbps": r.gbps, **self.ratios(r)}
+                {
+                    **asdict(r),
+                    "tflops": r.tflops,
+                    "gbps": r.gbps,
+                    **self.ratios(r),
+                    "paired": {
+                        arm: None if p is None else asdict(p)
+                        for arm, p in self.paired_all(r).items()
+                    },
+                }
                 for r in self.results
             ],
         }
@@ -317,11 +432,17 @@ def run_sweep(
     phase: str = "fwd+bwd",
     flops: Callable[[Case], float] | None = None,
     nbytes: Callable[[Case], float] | None = None,
+    rounds: int = 1,
+    reps: int = 5,
 ) -> None:
     """Time every arm on every case; an arm factory returns a zero-argument callable (or
     raises ``NotImplementedError(reason)`` to skip). A skipped or failing arm (any exception
     while building, timing or measuring memory: an OOM, a compile error, a kernel that does
-    not launch) is recorded with its error string and printed; the sweep goes on."""
+    not launch) is recorded with its error string and printed; the sweep goes on.
+
+    ``rounds`` > 1: per case, all arms are built and warmed up first, then timed in
+    interleaved rounds (:func:`measure_interleaved`, ``reps`` calls per arm per round), and
+    each Result keeps its per-round medians for paired ratios (:meth:`Table.paired`)."""
 
     def counts(case: Case) -> dict:
         """FLOPs/bytes of the case, read after the factory ran (factories may fill in the
@@ -334,7 +455,22 @@ def run_sweep(
                 out[key] = None
         return out
 
+    def record_failure(case: Case, arm: str, exc: BaseException, common: dict) -> None:
+        if isinstance(exc, NotImplementedError):
+            print(f"  skip {case.name}/{arm}: {exc}")
+            err = f"skipped: {exc}"
+        else:
+            err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            print(f"  FAILED {case.name}/{arm}/{phase}: {err}")
+        table.add(Result(table.bench, case.name, case.params, arm, phase, None, error=err,
+                         **common))  # fmt: skip
+        if table.device.type == "cuda" and not isinstance(exc, NotImplementedError):
+            torch.cuda.empty_cache()
+
     for case in cases:
+        if rounds > 1:
+            _interleaved_case(table, case, arms, phase, counts, record_failure, rounds, reps)
+            continue
         for arm, make in arms.items():
             common: dict = {"flops": None, "bytes": None}
             try:
@@ -342,19 +478,44 @@ def run_sweep(
                 common = counts(case)
                 timing = measure(fn, table.device)
                 peak = peak_memory_mb(fn, table.device)
-            except NotImplementedError as why:
-                print(f"  skip {case.name}/{arm}: {why}")
-                table.add(Result(table.bench, case.name, case.params, arm, phase, None,
-                                 error=f"skipped: {why}", **common))  # fmt: skip
-                continue
-            except Exception as exc:  # recorded, and the sweep goes on
-                err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-                print(f"  FAILED {case.name}/{arm}/{phase}: {err}")
-                table.add(Result(table.bench, case.name, case.params, arm, phase, None,
-                                 error=err, **common))  # fmt: skip
-                if table.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            except Exception as exc:  # recorded (NotImplementedError: skipped), sweep goes on
+                record_failure(case, arm, exc, common)
                 continue
             result = Result(table.bench, case.name, case.params, arm, phase, timing,
                             peak_mem_mb=peak, **common)  # fmt: skip
             table.add(result)
+
+
+def _interleaved_case(table, case, arms, phase, counts, record_failure, rounds, reps) -> None:
+    """One case of :func:`run_sweep` in interleaved rounds; results in the arms' order."""
+    built: dict[str, Callable[[], object]] = {}
+    common: dict[str, dict] = {}
+    failed: dict[str, tuple[BaseException, dict]] = {}
+    for arm, make in arms.items():
+        common[arm] = {"flops": None, "bytes": None}
+        try:
+            fn = make(case)
+            common[arm] = counts(case)
+            for _ in range(2):  # warm-up (and a failing arm fails here, alone)
+                fn()
+            _sync(table.device)
+            built[arm] = fn
+        except Exception as exc:
+            failed[arm] = (exc, common[arm])
+    timed: dict[str, tuple[Timing, tuple[float, ...]]] = {}
+    if built:
+        try:
+            timed = measure_interleaved(built, table.device, rounds=rounds, reps=reps, warmup=0)
+        except Exception as exc:  # a failure mid-run: every arm of the case is recorded failed
+            failed.update({arm: (exc, common[arm]) for arm in built})
+    for arm in arms:
+        if arm in failed:
+            record_failure(case, arm, failed[arm][0], failed[arm][1])
+            continue
+        timing, per_round = timed[arm]
+        try:
+            peak = peak_memory_mb(built[arm], table.device)
+        except Exception:  # memory is a side measurement: the timing stands
+            peak = None
+        table.add(Result(table.bench, case.name, case.params, arm, phase, timing,
+                         peak_mem_mb=peak, round_ms=per_round, **common[arm]))  # fmt: skip

@@ -36,14 +36,18 @@ def _synced(fn):
     return run
 
 
-@pytest.mark.parametrize("arm", ["eager_fp32", "eager_bf16_autocast", "advcal"])
+# the eager arms of each device's table (CPU: fp32 user code; GPU: also bf16 autocast)
+EAGER_ARMS = ["eager_fp32"] + (["eager_bf16_autocast"] if DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("arm", [*EAGER_ARMS, "advcal"])
 def test_head_ce_fwd_bwd(benchmark, arm):
     arms = bench_head_ce.arms(DEVICE, "fwd+bwd")
     make = next(v for k, v in arms.items() if k.startswith(arm))
     benchmark(_synced(make(HEAD_CASE)))
 
 
-@pytest.mark.parametrize("arm", ["eager_fp32", "eager_bf16_autocast", "advcal"])
+@pytest.mark.parametrize("arm", [*EAGER_ARMS, "advcal"])
 def test_infonce_fwd_bwd(benchmark, arm):
     arms = bench_infonce.arms(DEVICE, "fwd+bwd")
     make = next(v for k, v in arms.items() if k.startswith(arm))
@@ -92,33 +96,80 @@ def test_failing_arm_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
 
 @pytest.mark.parametrize("bench", [bench_head_ce, bench_infonce])
 def test_bench_script_quick_writes_json(bench, tmp_path):
-    """`python benchmarks/bench_*.py --quick --json ...` on this device: every arm of every
-    case and phase is in the JSON (the compile arms recorded as skipped on CPU), advcal's
-    rows carry the acceptance ratio columns."""
+    """`python benchmarks/bench_*.py --quick --no-compile --json ...` on CPU: every arm of
+    every case and phase is in the JSON (the compile arm recorded as skipped), timed in
+    interleaved rounds; advcal's rows carry the ratio and paired-ratio columns against the CPU
+    baselines, and the default CPU backend is the fused one."""
     import json
 
     if DEVICE.type == "cuda":
         pytest.skip("the full sweep is the GPU run; this is the CPU smoke test")
-    bench.main(["--quick", "--device", "cpu", "--json", str(tmp_path / "out.json")])
-    payload = json.loads((tmp_path / "out.json").read_text())
+    out = tmp_path / "out.json"
+    bench.main(["--quick", "--no-compile", "--device", "cpu", "--json", str(out)])
+    payload = json.loads(out.read_text())
     rows = payload["results"]
     arms = {r["arm"] for r in rows}
-    assert {"eager_fp32", *bench_head_ce.BASELINES} <= arms
+    assert {*bench_head_ce.CPU_BASELINES, "advcal_fp32[cpu]"} == arms
     assert {r["phase"] for r in rows} == set(bench_head_ce.PHASES)
     for r in rows:
         if r["arm"].startswith("compile"):
-            assert r["error"].startswith("skipped"), r
+            assert r["error"] == "skipped: --no-compile", r
         else:
             assert r["error"] is None and r["timing"]["median_ms"] > 0, r
+            assert len(r["round_ms"]) == 3, r  # --quick: 3 interleaved rounds
     adv = [r for r in rows if r["arm"].startswith("advcal")]
-    assert adv and all(r["x_eager_bf16_autocast"] > 0 for r in adv)
+    assert adv and all(r["x_eager_fp32"] > 0 for r in adv)
+    for r in adv:
+        p = r["paired"]["eager_fp32"]
+        assert p["rounds"] == 3 and 0 < p["min"] <= p["median"] <= p["max"], r
+        assert r["paired"]["compile_fp32"] is None  # skipped: nothing to pair with
     assert payload["environment"]["git_sha"] and payload["baselines"] == list(
-        bench_head_ce.BASELINES
+        bench_head_ce.CPU_BASELINES
     )
+
+
+def test_interleaved_rounds_and_paired_ratios(capsys):
+    """run_sweep(rounds=R): each arm keeps R per-round medians, paired ratios are per round
+    (min <= median <= max), a failing arm is recorded without stopping the others, and the
+    table prints the p_ columns."""
+    import time
+
+    from benchmarks.harness import Paired, Table, paired, run_sweep
+
+    def sleeper(ms):
+        def make(case):
+            return lambda: time.sleep(ms / 1e3)
+
+        return make
+
+    def broken(case):
+        def run():
+            raise RuntimeError("boom")
+
+        return run
+
+    table = Table("paired_smoke", "cpu", baselines=("slow",))
+    arms = {"slow": sleeper(4.0), "broken": broken, "advcal": sleeper(1.0)}
+    run_sweep(table, [Case("a")], arms, phase="fwd", rounds=4, reps=2)
+    by = {r.arm: r for r in table.results}
+    assert [r.arm for r in table.results] == list(arms)
+    assert by["broken"].error == "RuntimeError: boom" and by["broken"].round_ms == ()
+    assert len(by["slow"].round_ms) == len(by["advcal"].round_ms) == 4
+    p = table.paired(by["advcal"], "slow")
+    assert p.rounds == 4 and 1.5 < p.min <= p.median <= p.max  # ~4x, sleep-limited
+    assert table.paired(by["advcal"], "broken") is None
+    table.print()
+    assert "p_slow" in capsys.readouterr().out
+    # the pairing itself: ratios per round, not ratios of medians
+    assert paired([2.0, 4.0, 9.0], [1.0, 1.0, 3.0], "b") == Paired("b", 2.0, 3.0, 4.0, 3)
+    with pytest.raises(ValueError, match="not paired"):
+        paired([1.0, 2.0], [1.0], "b")
 
 
 SMOKE = {  # script -> its CPU smoke arguments
     "bench_pgd_step.py": ["--quick", "--no-compile"],
+    "bench_limits.py": ["--quick"],
+    "bench_head_ce.py": ["--shapes", "5x16x3", "--arms", "eager_fp32,advcal", "--rounds", "2"],
     "bench_attack.py": ["--quick", "--steps", "2"],
     "bench_backbone.py": ["--tiny", "--quick"],
     "bench_bind_towers.py": ["--tiny", "--threads", "1"],
