@@ -1,15 +1,35 @@
 """The Calibrator: trains the heads on adversarial examples only, the backbone and centers frozen.
 
-One step (a batch of paired instances, every modality at once)::
+One step (a global batch of paired instances, every modality at once)::
 
-    x_adv = PGD-k(x) through backbone + current head      (all modalities, one fused update)
-    e_adv = backbone(x_adv)                                (no grad: the backbone is frozen)
+    x_adv = training attack(x) through backbone + current head   (all modalities, fused update)
+    e_adv = backbone(x_adv)                                       (no grad: the backbone is frozen)
     loss  = sum_m Objective(head_m, e_adv_m, e_clean_m, C, y)
-    AdamW step on the heads; cosine learning-rate schedule
+    AdamW step on the heads; cosine learning-rate schedule over every stage
 
-``e_clean`` is computed once for the whole training set and cached (the backbone is frozen).
+The training attack is a PGD (``attack_steps`` steps of ``alpha_ratio * eps``) on one of the
+losses of :mod:`advcal.attacks.losses`: ``ce``, ``dlr`` (margin), ``dlr_t`` (targeted margin,
+each sample against one of its ``targets`` most likely wrong classes), ``kl`` (TRADES: away from
+the calibrated model's own clean prediction), ``cos`` (CrossMaxim), or ``none`` (clean inputs);
+several losses take turns batch by batch. Heads trained only against cross-entropy attacks
+learn to resist exactly those, and margin attacks still break them: mixing losses is how the
+training keeps up with an AutoAttack-grade evaluation.
+
+A run is a sequence of :class:`Stage` s (the paper's v2 schedule), e.g. a clean alignment
+stage, then adversarial training with an eps ramp, then the full eps; one stage by default.
+
+Data: any map-style dataset of sample dicts (:mod:`advcal.data.protocol`), read through a
+``DataLoader`` in global batches of ``batch_size``. ``e_clean`` (the frozen clean embedding of
+every training sample) is computed once and kept on disk, memory-mapped (:mod:`advcal.cache`).
+
+Under torchrun, N ranks compute what one process computes: every rank sees the same sequence
+of global batches and takes every N-th sample of each; every random draw of a sample (its
+attack's random start and target) is keyed by the sample, not by its rank or batch position;
+each loss is a sum over the rank's samples divided by the global batch size (DDP averages the
+gradients), and InfoNCE contrasts every sample with the whole global batch.
+
 Every epoch ends with an atomic checkpoint; ``fit(resume=True)`` continues from it and gives
-the same heads as an uninterrupted run (all randomness is seeded per epoch and batch).
+the same heads as an uninterrupted run, at any number of ranks.
 """
 
 from __future__ import annotations
@@ -17,23 +37,25 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from advcal import cache as embcache
 from advcal import distributed as dist
+from advcal import progress as _progress
 from advcal import runfolder
-from advcal.attacks import PGD, Attack, CrossMaxim, ZeroShotClassifier
+from advcal.attacks import PGD, ZeroShotClassifier
+from advcal.attacks.iterative import IterativeAttack
 from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split, zero_shot_logits
-from advcal.data import MultiModalDataset
+from advcal.data.protocol import collate
 from advcal.errors import FileFormatError, RunFolderError
 from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
@@ -43,13 +65,74 @@ from advcal.validation import check_fields, check_state
 log = logging.getLogger("advcal.calibrate")
 
 CHECKPOINT = "checkpoint.pt"
-TRAIN_ATTACKS = ("pgd", "crossmaxim", "alternate")
+LOSSES = ("none", "ce", "dlr", "dlr_t", "kl", "cos")
+ALIASES = {"pgd": ("ce",), "crossmaxim": ("cos",), "alternate": ("ce", "cos")}
 LOG_EVERY = 10  # progress-bar loss refresh, in steps (each refresh is one host sync)
+
+
+def _losses(attack: str | tuple[str, ...], where: str) -> tuple[str, ...]:
+    names = (attack,) if isinstance(attack, str) else tuple(attack)
+    out: list[str] = []
+    for a in names:
+        out.extend(ALIASES.get(a, (a,)))
+    bad = [a for a in out if a not in LOSSES]
+    if bad or not out:
+        raise ValueError(
+            f"{where}: unknown training attack(s) {bad or names}; choose from {list(LOSSES)} "
+            f"(several take turns batch by batch) or the aliases {sorted(ALIASES)}"
+        )
+    if "none" in out and len(out) > 1:
+        raise ValueError(f"{where}: 'none' (clean inputs) cannot take turns with attacks")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the training schedule.
+
+    Attributes:
+        epochs: its length.
+        attack: training-attack loss(es), by turns batch by batch (``"none"``: clean inputs).
+        eps: the budget as a multiple of each modality's eps; ``(a, b)``: a linear ramp from
+            ``a`` in the stage's first epoch to ``b`` in its last.
+        steps: attack steps (default ``CalibConfig.attack_steps``).
+        objective: the loss weights (default ``CalibConfig.objective``).
+        name: a label for logs and reports.
+    """
+
+    epochs: int
+    attack: str | tuple[str, ...] = "ce"
+    eps: float | tuple[float, float] = 1.0
+    steps: int | None = None
+    objective: Objective | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.epochs < 1:
+            raise ValueError(f"Stage.epochs must be >= 1, got {self.epochs}")
+        object.__setattr__(self, "attack", _losses(self.attack, "Stage.attack"))
+        lo, hi = self.eps if isinstance(self.eps, tuple) else (self.eps, self.eps)
+        if not (lo >= 0 and hi >= 0):
+            raise ValueError(f"Stage.eps must be >= 0, got {self.eps}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"Stage.steps must be >= 1, got {self.steps}")
+
+    def eps_at(self, epoch: int) -> float:
+        """The eps multiple in epoch ``epoch`` of this stage (0-based)."""
+        if not isinstance(self.eps, tuple):
+            return float(self.eps)
+        a, b = self.eps
+        return b if self.epochs == 1 else a + (b - a) * epoch / (self.epochs - 1)
 
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Every knob of a calibration run (written into the run's config and report)."""
+    """Every knob of a calibration run (written into the run's config and report).
+
+    Without ``stages`` the run is one stage of ``epochs`` with ``attack``, ``eps_scale``,
+    ``attack_steps`` and ``objective``; with ``stages``, ``epochs`` must equal their sum.
+    """
 
     epochs: int = 5
     batch_size: int = 128
@@ -61,30 +144,36 @@ class CalibConfig:
     # heads start from the model's released per-modality heads where it has them (UniBind)
     head_init: str = "identity"
     objective: Objective = field(default_factory=Objective)
-    # the training attack: "pgd" (cross-entropy), "crossmaxim" (-cos to the true center), or
-    # "alternate" (the two by turns, batch by batch)
-    attack: str = "pgd"
+    # the training attack's loss(es), by turns batch by batch: ce, dlr, dlr_t, kl, cos, none
+    attack: str | tuple[str, ...] = "ce"
     attack_steps: int = 10
     # step = alpha_ratio * eps: 0.5 makes PGD-10 nearly as strong as PGD-50 at eps/10 on every
     # digits modality (0.25 left the audio tower 6 points short: a weak training signal)
     alpha_ratio: float = 0.5
     eps_scale: float = 1.0  # train at eps_scale x each modality's eps
+    targets: int = 3  # dlr_t: each sample attacks one of its `targets` most likely wrong classes
+    stages: tuple[Stage, ...] = ()
     amp: bool = False
     cuda_graph: bool = False  # capture the training attack's step in a CUDA graph (GPU only)
+    workers: int = 0  # DataLoader worker processes
+    cache: bool = True  # keep the clean embeddings in $ADVCAL_CACHE/embeddings (memory-mapped)
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self)  # types first: epochs=true, batch_size=15.5, lr=nan refused by name
-        for name in ("epochs", "batch_size", "attack_steps"):
+        for name in ("epochs", "batch_size", "attack_steps", "targets"):
             if getattr(self, name) < (0 if name == "attack_steps" else 1):
                 raise ValueError(f"CalibConfig.{name} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.eps_scale >= 0):
             raise ValueError("CalibConfig needs lr > 0, weight_decay >= 0, eps_scale >= 0")
-        if isinstance(self.objective, dict):
-            object.__setattr__(self, "objective", Objective(**self.objective))
-        if self.attack not in TRAIN_ATTACKS:
+        if self.workers < 0:
+            raise ValueError(f"CalibConfig.workers must be >= 0, got {self.workers}")
+        object.__setattr__(self, "attack", _losses(self.attack, "CalibConfig.attack"))
+        if self.stages and sum(s.epochs for s in self.stages) != self.epochs:
             raise ValueError(
-                f"CalibConfig.attack must be one of {TRAIN_ATTACKS}, got {self.attack!r}"
+                f"CalibConfig.epochs={self.epochs} but the stages last "
+                f"{sum(s.epochs for s in self.stages)} epochs "
+                f"({[s.epochs for s in self.stages]}); make them agree"
             )
         if self.head_init not in ("identity", "backbone"):
             raise ValueError(
@@ -97,6 +186,35 @@ class CalibConfig:
             )
         if self.alpha_ratio <= 0 or self.alpha_ratio > 1:
             raise ValueError(f"CalibConfig.alpha_ratio must be in (0, 1], got {self.alpha_ratio}")
+        if self.cuda_graph and any(a in ("kl", "dlr_t") for s in self.schedule() for a in s.attack):
+            raise ValueError(
+                "CalibConfig.cuda_graph captures the PGD step of the ce, dlr and cos losses; "
+                "the kl and dlr_t attacks draw per-sample state outside the graph: drop "
+                "cuda_graph or those losses"
+            )
+
+    def schedule(self) -> tuple[Stage, ...]:
+        """The stages, every default filled in."""
+        stages = self.stages or (
+            Stage(self.epochs, self.attack, self.eps_scale, self.attack_steps, None, "adversarial"),
+        )
+        return tuple(
+            replace(
+                s,
+                steps=s.steps if s.steps is not None else self.attack_steps,
+                objective=s.objective if s.objective is not None else self.objective,
+            )
+            for s in stages
+        )
+
+    def stage_at(self, epoch: int) -> tuple[Stage, float]:
+        """The stage of (0-based) ``epoch`` and its eps multiple."""
+        start = 0
+        for s in self.schedule():
+            if epoch < start + s.epochs:
+                return s, s.eps_at(epoch - start)
+            start += s.epochs
+        raise IndexError(f"epoch {epoch} is past the schedule's {self.epochs} epochs")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +225,35 @@ def _seed(*parts: int) -> int:
     for p in parts:
         s = (s * 1_000_003 + int(p)) % (2**62)
     return s
+
+
+class GlobalBatches(Sampler[list[int]]):
+    """Each epoch, a seeded permutation of ``n`` samples cut into global batches of
+    ``batch_size``; rank ``r`` of ``world`` yields samples ``r, r + world, ...`` of each. So
+    every rank walks the same global batches, and their union is what one process sees."""
+
+    def __init__(self, n: int, batch_size: int, *, world: int = 1, rank: int = 0, seed: int = 0):
+        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(_seed(self.seed, self.epoch))
+        return list(torch.randperm(self.n, generator=g).split(self.batch_size))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.global_batches():
+            yield b[self.rank :: self.world].tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+
+def _collate_or_none(samples):
+    """A rank's share of a small last global batch may be empty."""
+    return collate(samples) if samples else None
 
 
 class Calibrator:
@@ -172,51 +319,112 @@ class Calibrator:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.history: list[dict] = []
         self.timings: dict[str, float] = {}
+        self._attacks: dict[tuple, IterativeAttack] = {}
 
     # -- pieces -------------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
 
-    @torch.no_grad()
-    def clean_embeddings(self, dataset: MultiModalDataset, batch_size: int = 256) -> dict:
-        """Frozen clean embeddings of every sample, per modality, ``(N, D)`` fp32 (cached)."""
-        out = {}
-        for m in self.modalities:
-            x = dataset.inputs[m]
-            self.backbone.spec(m).check_input(x[:1], f"dataset.inputs[{m!r}]", m)
-            chunks = []
-            for i in range(0, len(dataset), batch_size):
-                with self._autocast():
-                    chunks.append(
-                        self.backbone.encode(
-                            m, x[i : i + batch_size].to(self.device), check=False
-                        ).float()
-                    )
-            out[m] = torch.cat(chunks)
-        return out
+    def _loader(self, dataset: Dataset, sampler) -> DataLoader:
+        w = self.config.workers
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=w,
+            persistent_workers=w > 0,
+            pin_memory=self.device.type == "cuda",
+            collate_fn=_collate_or_none,
+        )
 
-    def _attacks(self) -> list[Attack]:
-        """The training attack(s) over every modality, built once (their CUDA graphs, when
-        ``cuda_graph=True``, are captured once per batch shape); batch ``i`` uses attack
-        ``i % len``, reseeded per batch."""
-        classifiers = {
-            m: ZeroShotClassifier(
-                self.backbone, m, self.centers, self.heads[m], self.config.objective.tau
-            )
+    @torch.no_grad()
+    def clean_embeddings(self, dataset: Dataset, *, progress: bool = False) -> dict:
+        """The frozen clean embedding of every sample, per modality: a
+        :class:`~advcal.cache.CleanEmbeddings` ``(N, D)`` (``emb[index]`` gives a batch's rows),
+        read from the on-disk cache or computed in one pass over ``dataset`` (rank 0 writes
+        the cache; the other ranks wait and read it)."""
+        info, n = dataset.info, len(dataset)
+        if not self.config.cache:  # every rank computes them in memory
+            arrays = self._encode_all(dataset, self.modalities, progress)
+            return {m: embcache.CleanEmbeddings(a) for m, a in arrays.items()}
+        d = self.backbone.embed_dim
+        precision = "bf16" if self.config.amp else "fp32"
+        keys = {m: embcache.key(self.backbone, info, m, n, precision) for m in self.modalities}
+        root = embcache.cache_root()
+        missing = [m for m, k in keys.items() if not (root / f"{k}.npy").is_file()]
+        computed: dict = {}
+
+        def fill(m: str):
+            def compute(out) -> None:
+                if not computed:  # one pass over the data for every missing modality
+                    computed.update(self._encode_all(dataset, missing, progress))
+                out[:] = computed[m]
+
+            return compute
+
+        if dist.enabled() and missing:  # rank 0 fills the cache once; the others read it
+            if dist.is_main():
+                for m in self.modalities:
+                    embcache.load_or_compute(keys[m], n, d, fill(m), root=root)
+            dist.barrier()
+        return {
+            m: embcache.load_or_compute(keys[m], n, d, fill(m), root=root, write=dist.is_main())
             for m in self.modalities
         }
-        eps = {m: self.backbone.spec(m).eps * self.config.eps_scale for m in self.modalities}
-        kinds = {"pgd": [PGD], "crossmaxim": [CrossMaxim], "alternate": [PGD, CrossMaxim]}
-        return [
-            cls(
+
+    def _encode_all(self, dataset, modalities, progress) -> dict:
+        """One pass over ``dataset``: ``{m: (N, D) float32 numpy}`` for ``modalities``."""
+        import numpy as np
+
+        n, d = len(dataset), self.backbone.embed_dim
+        out = {m: np.zeros((n, d), dtype=np.float32) for m in modalities}
+        order = torch.arange(n).split(self.config.batch_size * 2)
+        loader = self._loader(dataset, [b.tolist() for b in order])
+        bar = _progress.bar(desc="clean embeddings", total=len(order), enabled=progress)
+        for batch in loader:
+            if batch is None:
+                continue
+            for m in modalities:
+                with self._autocast():
+                    e = self.backbone.encode(m, batch.inputs[m].to(self.device), check=True)
+                out[m][batch.index.numpy()] = e.float().cpu().numpy()
+            bar.update(1)
+        bar.close()
+        return out
+
+    def _attack(self, loss: str, eps_scale: float, steps: int) -> IterativeAttack:
+        """The training attack on every modality for (loss, eps multiple, steps), built once
+        (so a CUDA graph is captured once per batch shape)."""
+        k = (loss, round(eps_scale, 9), steps)
+        if k not in self._attacks:
+            cfg = self.config
+            classifiers = {
+                m: ZeroShotClassifier(
+                    self.backbone, m, self.centers, self.heads[m], cfg.objective.tau
+                )
+                for m in self.modalities
+            }
+            eps = {
+                m: self.backbone.spec(m).check_eps(self.backbone.spec(m).eps * eps_scale)
+                for m in self.modalities
+            }
+            targeted = {"n_targets": cfg.targets, "sample_targets": True} if loss == "dlr_t" else {}
+            if loss == "dlr_t":
+                for m, clf in classifiers.items():
+                    if clf.num_classes < 4:
+                        raise ValueError(
+                            f"the dlr_t training attack needs >= 4 classes, '{m}' has "
+                            f"{clf.num_classes}"
+                        )
+            self._attacks[k] = PGD(
                 classifiers,
+                loss=loss,
                 eps=eps,
-                steps=self.config.attack_steps,
-                alpha_ratio=self.config.alpha_ratio,
-                cuda_graph=self.config.cuda_graph,
+                steps=steps,
+                alpha_ratio=cfg.alpha_ratio,
+                cuda_graph=cfg.cuda_graph,
+                **targeted,
             )
-            for cls in kinds[self.config.attack]
-        ]
+        return self._attacks[k]
 
     def _checkpoint_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / CHECKPOINT
@@ -289,41 +497,33 @@ class Calibrator:
     # -- the loop -----------------------------------------------------------------------
     def fit(
         self,
-        dataset: MultiModalDataset,
+        dataset: Dataset,
         *,
         resume: bool = False,
         progress: bool = True,
         stop_after: int | None = None,
     ) -> CalibrationHeads:
-        """Train the heads. ``stop_after=k`` stops after epoch k (as an interruption would,
-        checkpoint written); ``resume=True`` continues from the checkpoint in ``out_dir``."""
+        """Train the heads on ``dataset`` (a map-style dataset of sample dicts). ``stop_after=k``
+        stops after epoch k (as an interruption would, checkpoint written); ``resume=True``
+        continues from the checkpoint in ``out_dir``."""
         cfg = self.config
-        missing = [m for m in self.modalities if m not in dataset.inputs]
+        info = dataset.info
+        missing = [m for m in self.modalities if m not in info.modalities]
         if missing:
-            raise ValueError(f"dataset '{dataset.name}' lacks modalities {missing}")
-        if len(dataset) < 2:
+            raise ValueError(f"dataset '{info.name}' lacks modalities {missing}")
+        n = len(dataset)
+        if n < 2:
             raise ValueError("calibration needs at least 2 samples (InfoNCE contrasts a batch)")
+        show = progress and dist.is_main()
         t0 = time.perf_counter()
-        e_clean = self.clean_embeddings(dataset)
+        e_clean = self.clean_embeddings(dataset, progress=show)
         self.timings["clean_embeddings"] = time.perf_counter() - t0
-        # frozen clean predictions, for the paired cross-modal consistency term
-        with torch.no_grad():
-            probs = {
-                m: F.softmax(zero_shot_logits(e, self.centers, cfg.objective.tau), -1)
-                for m, e in e_clean.items()
-            }
-        labels = dataset.labels.to(self.device)
 
         params = [p for p in self.heads.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # Each rank takes its shard of the data (DistributedSampler; one rank = all of it) in
-        # batches of batch_size / world, so the global batch is the same at any world size.
         world, rank = dist.world_size(), dist.rank()
-        sampler = DistributedSampler(
-            range(len(dataset)), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed
-        )
-        local_bs = max(1, math.ceil(cfg.batch_size / world))
-        steps_per_epoch = math.ceil(len(sampler) / local_bs)
+        sampler = GlobalBatches(n, cfg.batch_size, world=world, rank=rank, seed=cfg.seed)
+        steps_per_epoch = len(sampler)
         total = cfg.epochs * steps_per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
@@ -331,45 +531,64 @@ class Calibrator:
         start = self._load(opt, sched) if resume else 0
         if resume and start == 0 and self._checkpoint_path() is not None and dist.is_main():
             print(f"advcal: no checkpoint in {self.out_dir}; starting from scratch")
-        loss_fn: nn.Module = _HeadsLoss(self.heads, cfg.objective, self.centers)
-        if dist.enabled():  # gradients of the heads all-reduced by PyTorch's DDP
+        loss_fn: nn.Module = _HeadsLoss(self.heads, self.centers)
+        if dist.enabled():  # gradients of the heads all-reduced (averaged) by PyTorch's DDP
             loss_fn = DistributedDataParallel(loss_fn)
-        show = progress and dist.is_main()
-        attacks = self._attacks()
+        loader = self._loader(dataset, sampler)
 
         t0 = time.perf_counter()
         for epoch in range(start, cfg.epochs):
+            stage, eps_scale = cfg.stage_at(epoch)
             sampler.set_epoch(epoch)
-            batches = torch.tensor(list(sampler), dtype=torch.long).split(local_bs)
+            batches = sampler.global_batches()
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
-            bar = tqdm(
-                batches,
-                desc=f"calibrate epoch {epoch + 1}/{cfg.epochs}",
-                disable=not show,
-                leave=False,
-                dynamic_ncols=True,
+            bar = _progress.bar(
+                loader,
+                desc=f"calibrate epoch {epoch + 1}/{cfg.epochs}"
+                + (f" ({stage.name})" if len(cfg.schedule()) > 1 else ""),
+                enabled=show,
             )
-            for step, idx in enumerate(bar):
-                attack = attacks[step % len(attacks)]
-                attack.seed = _seed(cfg.seed, epoch, step, dist.rank())
+            for step, batch in enumerate(bar):
+                loss_name = stage.attack[step % len(stage.attack)]
+                attack = (
+                    None if loss_name == "none" else self._attack(loss_name, eps_scale, stage.steps)
+                )
+                if attack is not None:
+                    attack.seed = _seed(cfg.seed, epoch, step)  # the same on every rank
                 with nvtx_range("calibration_step"):
-                    parts = self._step(attack, idx, dataset, e_clean, probs, labels, opt, loss_fn)
+                    parts = self._step(
+                        attack, batch, batches[step], epoch, e_clean, stage.objective, opt, loss_fn
+                    )
                 sched.step()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v
-                if show and (step % LOG_EVERY == 0 or step == len(batches) - 1):
+                if show and (step % LOG_EVERY == 0 or step == steps_per_epoch - 1):
                     bar.set_postfix(loss=f"{float(parts['loss']):.3f}")
-            means = torch.stack([v / steps_per_epoch for v in sums.values()]).double().cpu()
+            bar.close()
+            names = sorted(sums)
+            means = torch.stack(
+                [torch.as_tensor(sums[k], dtype=torch.float64).cpu() for k in names]
+            )
             dist.all_reduce_mean_(means)
+            means = means * world / steps_per_epoch  # per-rank sums of global-batch shares
             self.history.append(
-                {"epoch": epoch + 1, **dict(zip(sums, means.tolist(), strict=True))}
+                {
+                    "epoch": epoch + 1,
+                    "stage": stage.name,
+                    "eps_scale": eps_scale,
+                    **dict(zip(names, means.tolist(), strict=True)),
+                }
             )
             self._save(epoch + 1, opt, sched)
             if show:
                 h = self.history[-1]
                 print(
                     f"epoch {epoch + 1}/{cfg.epochs}: "
-                    + " ".join(f"{k}={v:.4f}" for k, v in h.items() if k != "epoch")
+                    + " ".join(
+                        f"{k}={v:.4f}"
+                        for k, v in h.items()
+                        if isinstance(v, float) and k != "eps_scale"
+                    )
                 )
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
@@ -377,23 +596,36 @@ class Calibrator:
         self.heads.eval()
         return self.heads
 
-    def _step(self, attack, idx, dataset, e_clean, probs, labels, opt, loss_fn):
-        y = labels[idx]
-        xs = {m: dataset.inputs[m][idx].to(self.device) for m in self.modalities}
-        with self._autocast():
-            x_adv = attack(xs, y)
-            with torch.no_grad():
-                e_adv = {
-                    m: self.backbone.encode(m, x_adv[m], check=False).float()
-                    for m in self.modalities
-                }
-        cross = {}
-        for m in self.modalities:
-            others = [probs[o][idx] for o in self.modalities if o != m]
-            cross[m] = torch.stack(others).mean(0) if others else None
+    def _step(self, attack, batch, global_idx, epoch, e_clean, objective, opt, loss_fn):
+        """One step on this rank's share ``batch`` of the global batch ``global_idx``."""
+        n_global = len(global_idx)
+        # an empty share (None) still joins DDP's gradient all-reduce
+        batch_local = None if batch is None else batch.to(self.device, non_blocking=True)
+        e_global = {m: e_clean[m][global_idx].to(self.device) for m in self.modalities}
+        if batch_local is not None:
+            y = batch_local.labels
+            xs = {m: batch_local.inputs[m] for m in self.modalities}
+            # the rows of this rank's samples in the global batch (the InfoNCE positives)
+            where = {int(i): k for k, i in enumerate(global_idx.tolist())}
+            pos = torch.tensor(
+                [where[int(i)] for i in batch_local.index.tolist()], device=self.device
+            )
+            with self._autocast():
+                if attack is not None:
+                    keys = batch_local.index.cpu() + epoch * 1_000_003
+                    x_adv = attack(xs, y, keys=keys)
+                else:
+                    x_adv = xs
+                with torch.no_grad():
+                    e_adv = {
+                        m: self.backbone.encode(m, x_adv[m], check=False).float()
+                        for m in self.modalities
+                    }
+        else:
+            y, e_adv, pos = None, None, None
         self.heads.train()
         with nvtx_range("head_loss"):
-            total, parts = loss_fn(e_adv, {m: e_clean[m][idx] for m in self.modalities}, cross, y)
+            total, parts = loss_fn(e_adv, e_global, pos, y, n_global, objective)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -403,21 +635,40 @@ class Calibrator:
 
 
 class _HeadsLoss(nn.Module):
-    """The heads and the objective as one module, so DDP can wrap the whole loss."""
+    """The heads and the objective as one module, so DDP can wrap the whole loss.
 
-    def __init__(self, heads: CalibrationHeads, objective: Objective, centers: Centers):
+    Each term is a sum over this rank's samples divided by the global batch size, times the
+    number of ranks (DDP averages the ranks' gradients): the gradient is the global batch's
+    mean, whatever the split. InfoNCE contrasts each sample with the whole global batch's
+    clean embeddings; the paired cross-modal consistency term uses the frozen clean
+    predictions of the same sample in the other modalities.
+    """
+
+    def __init__(self, heads: CalibrationHeads, centers: Centers):
         super().__init__()
-        self.heads, self.objective = heads, objective
+        self.heads = heads
         self.centers = centers  # fixed, the same on every rank: not a buffer DDP would sync
 
-    def forward(self, e_adv, e_clean, cross, y):
+    def forward(self, e_adv, e_global, pos, y, n_global: int, objective: Objective):
+        mods = self.heads.modalities
+        if e_adv is None:  # no sample on this rank: a zero loss that still reaches every weight
+            zero = sum(p.sum() for p in self.heads.parameters()) * 0.0
+            return zero, {}
+        scale = dist.world_size() / n_global
         total = torch.zeros((), device=y.device)
         parts: dict[str, torch.Tensor] = {}
-        for m in self.heads.modalities:
-            loss, p = self.objective(
-                self.heads[m], e_adv[m], e_clean[m], self.centers, y, cross_probs=cross[m]
+        with torch.no_grad():
+            probs = {
+                m: F.softmax(zero_shot_logits(e_global[m], self.centers, objective.tau), -1)[pos]
+                for m in mods
+            }
+        for m in mods:
+            others = [probs[o] for o in mods if o != m]
+            cross = torch.stack(others).mean(0) if others else None
+            loss, p = objective.per_sample(
+                self.heads[m], e_adv[m], e_global[m], pos, self.centers, y, cross_probs=cross
             )
-            total = total + loss
+            total = total + loss.sum() * scale
             for k, v in p.items():
-                parts[k] = parts.get(k, 0.0) + v / len(self.heads.modalities)
+                parts[k] = parts.get(k, 0.0) + v.sum().detach() * scale / len(mods)
         return total, parts

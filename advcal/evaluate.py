@@ -1,100 +1,186 @@
-"""Clean and robust zero-shot evaluation, retrieval, eps sweep and the honest-evaluation checks.
+"""Clean and robust zero-shot evaluation, retrieval, the eps sweep and the honest-evaluation checks.
 
-Per modality, on the evaluation split:
+Per modality, over the evaluation data (a dataset or a fixed subset of it, streamed through a
+``DataLoader``):
 
 * clean top-1 / top-5 of ``normalize(head(backbone(x))) @ C^T``;
-* robust top-1 / top-5 under every evaluation attack (PGD-``steps`` on the cross-entropy,
-  CrossMaxim-``steps`` on ``-cos(z, c_y)``, each with its ``restarts``), adaptive through
-  backbone and head, taking the per-sample worst case over the attacks (a sample is robust
-  only if every attack fails on it);
-* an eps sweep (PGD-``sweep_steps``), the same attacks at training strength (``weak_attacks``,
-  ``weak_steps`` steps each, worst case) and a large-eps attack, which feed the sanity checks.
+* robust top-1 under an attack *suite* (default ``standard``: AutoAttack's APGD-CE, APGD-T,
+  FAB-T and Square, see :mod:`advcal.attacks.suite`), adaptive through backbone and head, each
+  attack run on the samples every earlier one failed on; the robust accuracy after each attack
+  and the number each attack broke; robust top-5 of the per-sample worst-case examples;
+* the same robust top-1 under the ``compare`` suites (default ``legacy``: the cross-entropy
+  suite advcal used before), to show what a weaker evaluation would have claimed;
+* an eps sweep and a large-eps attack (the ``sweep_suite``), the training-strength attacks
+  (``weak``), which feed the sanity checks;
+* retrieval: instance retrieval between paired modalities (query: the first modality's clean
+  embedding; gallery clean, or attacked by :class:`~advcal.attacks.RankAttack` on the ranking
+  margin) and text -> modality (every center a query; gallery clean or the suite's worst case).
 
-Sanity checks (every report shows them; a failed one is shown, never hidden):
+Sanity checks (every report shows them; a failed one is shown, never hidden; ``None`` = could
+not run, e.g. no black-box attack for an L2 input):
 
 * ``robust_le_clean``: robust top-1 <= clean top-1 (+ ``noise``).
 * ``monotone_in_eps``: robust top-1 does not rise with eps (beyond ``noise``).
-* ``large_eps_breaks``: at ``large_eps_multiplier`` x eps the attack succeeds on all but
-  ``large_eps_max_acc`` of the samples.
-* ``more_steps_not_higher``: the full protocol finds at least what the training-strength
-  attacks find.
-* ``no_gradient_masking``: the full protocol does not find much more than the
-  training-strength attacks (a gap above ``masking_gap`` means the model hides its gradients
-  from short attacks: apparent robustness, not robustness).
+* ``large_eps_breaks``: at ``large_eps_multiplier`` x eps the attacks succeed on all but
+  ``large_eps_max_acc`` of the samples (else gradients are masked or the pipeline clips).
+* ``more_steps_not_higher``: the suite finds at least what the training-strength attacks find.
+* ``no_gradient_masking``: the suite does not find much more than the training-strength
+  attacks (a gap above ``masking_gap``: the model hides its gradients from short attacks).
+* ``black_box_not_better``: the black-box attack (Square) breaks at most ``noise`` of the
+  samples every gradient attack failed on (else the gradients mislead: masking).
+
+:func:`evaluate` returns an :class:`EvalResult` (typed; ``to_dict``/``from_dict`` for JSON).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from advcal import distributed as dist
-from advcal.attacks import ATTACKS, PGD, Attack, ZeroShotClassifier
+from advcal import progress as _progress
+from advcal.attacks import AttackSpec, AttackSuite, RankAttack, ZeroShotClassifier
+from advcal.attacks.retrieval import competitors
+from advcal.attacks.suite import BLACK_BOX, resolve
 from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split
-from advcal.data import MultiModalDataset
+from advcal.data.protocol import Batch, collate
 from advcal.heads import CalibrationHeads
 from advcal.validation import check_fields
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The evaluation protocol (written into every report)."""
+    """The evaluation protocol (written into every report).
 
-    attacks: tuple[str, ...] = ("pgd", "crossmaxim")
-    steps: int = 50
-    restarts: int | tuple[int, ...] = (2, 1)  # one for all attacks, or one per attack
-    alpha_ratio: float = 0.1
+    Attacks are names (``"apgd-t"``), ``"name:steps"`` strings or :class:`AttackSpec` tables;
+    ``suite`` may also name a suite of :data:`advcal.attacks.SUITES`.
+    """
+
+    suite: str | tuple[str | AttackSpec, ...] = "standard"
+    compare: tuple[str, ...] = ("legacy",)  # suites reported beside the main one (top-1 only)
+    # at most this many samples: the first of each class in turn (a fixed stratified subset)
+    samples: int | None = None
     eps_scale: float = 1.0  # evaluate at eps_scale x each modality's default eps
     sweep: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # multiples of the modality's eps
-    sweep_steps: int = 10  # the sweep and the large-eps attack: PGD at the training strength
-    # the evaluation attacks at training strength (PGD-10, step eps/2: CalibConfig's attack),
-    # per-sample worst case: the gradient-masking check compares the full protocol against it
-    weak_attacks: tuple[str, ...] = ("pgd", "crossmaxim")
-    weak_steps: int = 10
+    sweep_suite: str | tuple[str | AttackSpec, ...] = "fast"  # the sweep and the large eps
+    # the training-strength attacks of the masking checks (PGD family, step weak_alpha_ratio x
+    # eps, per-sample worst case): PGD-10 on CE and CrossMaxim-10, as calibration trains on
+    weak: tuple[str, ...] = ("pgd:10", "crossmaxim:10")
     weak_alpha_ratio: float = 0.5
     large_eps_multiplier: float = 16.0
     large_eps_max_acc: float = 0.05
     noise: float = 0.01  # allowed slack (fraction) for the monotonicity checks
     masking_gap: float = 0.08
-    batch_size: int = 256
+    batch_size: int = 128
+    workers: int = 0  # DataLoader worker processes
+    max_rows: int = 2048  # rows per forward pass in targeted attacks (samples x targets)
     retrieval: bool = True
+    retrieval_steps: int = 50  # APGD-DLR steps of the ranking attack
     tau: float = 0.07
     seed: int = 1234
-    cuda_graph: bool = False  # capture every attack step in a CUDA graph (GPU only)
+    amp: bool = False  # bf16 autocast (CUDA only)
+    cuda_graph: bool = False  # evaluation attacks stop early per sample: not capturable
 
     def __post_init__(self) -> None:
         check_fields(self)  # types first: steps=true, sweep=["a"], tau=nan refused by name
-        for name in ("attacks", "weak_attacks"):
-            names = tuple(getattr(self, name))
-            unknown = [a for a in names if a not in ATTACKS]
-            if unknown or not names:
-                raise ValueError(
-                    f"EvalConfig.{name}: unknown attacks {unknown}; choose from {sorted(ATTACKS)}"
-                )
-            object.__setattr__(self, name, names)
-        object.__setattr__(self, "attacks", tuple(self.attacks))
-        restarts = self.restarts
-        if isinstance(restarts, int):
-            restarts = (restarts,) * len(self.attacks)
-        restarts = tuple(int(r) for r in restarts)
-        if len(restarts) != len(self.attacks):
+        object.__setattr__(self, "suite", _normalise(self.suite))
+        object.__setattr__(self, "sweep_suite", _normalise(self.sweep_suite))
+        self.attack_specs()  # validates every name now, not mid-evaluation
+        resolve(self.sweep_suite)
+        for name in self.compare:
+            resolve(name)
+        for w in self.weak:
+            s = AttackSpec.parse(w)
+            if not s.name.startswith(("pgd", "crossmaxim")):
+                raise ValueError(f"EvalConfig.weak: {w!r} is not a PGD-family attack")
+        for name in ("batch_size", "max_rows", "retrieval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ValueError(f"EvalConfig.workers must be >= 0, got {self.workers}")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"EvalConfig.samples must be >= 1 or None, got {self.samples}")
+        if not (self.eps_scale > 0 and self.tau > 0 and 0 < self.weak_alpha_ratio <= 4):
+            raise ValueError("EvalConfig needs eps_scale > 0, tau > 0, 0 < weak_alpha_ratio <= 4")
+        if any(m <= 0 for m in self.sweep) or not self.sweep:
+            raise ValueError(f"EvalConfig.sweep: multiples of eps, all > 0, got {self.sweep}")
+        if self.cuda_graph:
             raise ValueError(
-                f"EvalConfig.restarts: {len(restarts)} values for {len(self.attacks)} attacks "
-                f"{self.attacks}; give one int, or one per attack"
+                "EvalConfig.cuda_graph: evaluation attacks drop each sample as soon as it is "
+                "broken (dynamic shapes, host syncs), which CUDA graphs cannot capture; graphs "
+                "apply to the training attack (CalibConfig.cuda_graph / --cuda-graph)"
             )
-        object.__setattr__(self, "restarts", restarts)
-        if self.steps < 1 or min(restarts) < 1 or self.batch_size < 1:
-            raise ValueError("EvalConfig needs steps, restarts and batch_size >= 1")
-        object.__setattr__(self, "sweep", tuple(float(s) for s in self.sweep))
+
+    def attack_specs(self) -> tuple[AttackSpec, ...]:
+        return resolve(self.suite)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _normalise(suite):
+    return suite if isinstance(suite, str) else tuple(AttackSpec.parse(v) for v in suite)
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclass
+class ModalityResult:
+    """One modality's numbers. Accuracies are fractions in [0, 1] over ``n`` samples."""
+
+    n: int
+    eps: float
+    norm: str
+    space: str
+    clean_top1: float
+    clean_top5: float
+    robust_top1: float
+    robust_top5: float
+    attacks: dict[str, float]  # robust top-1 after each attack (cumulative, cascade order)
+    broken_by: dict[str, int]  # samples each attack broke first
+    compare: dict[str, float]  # robust top-1 under each comparison suite
+    weak_top1: float
+    sweep: dict[str, float]  # eps -> robust top-1 (the evaluation eps: the full suite)
+    large_eps: float
+    large_eps_top1: float
+    black_box_broke: int | None  # samples only the black-box attack broke; None: not run
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModalityResult:
+        return cls(**d)
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns, and what the report renders."""
+
+    modalities: dict[str, ModalityResult]
+    retrieval: dict[str, dict[str, dict[str, float]]]  # pair -> clean/adv -> R@k
+    sanity: dict[str, bool | None]  # "<check>.<modality>" -> passed (None: not run)
+    config: dict
+    data: dict  # the evaluation data: source, split, fingerprint, subset, n, skipped
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalResult:
+        mods = {m: ModalityResult.from_dict(r) for m, r in d["modalities"].items()}
+        return cls(mods, d["retrieval"], d["sanity"], d["config"], d["data"], d.get("seconds", 0))
+
+
+# ------------------------------------------------------------------------------ helpers
 
 
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
@@ -118,23 +204,75 @@ def recall_at_k(
     return {f"R@{k}": float(hit[:, :k].any(1).float().mean()) for k in ks}
 
 
-class _Model:
-    """Frozen or calibrated chain for one modality, evaluated batch by batch."""
+def stratified_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` indices of the dataset taken one class at a time in turn (each class's
+    samples in dataset order): a fixed, class-balanced subset, sorted by index."""
+    labels = labels.cpu()
+    rank = torch.zeros_like(labels)
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1)
+        rank[idx] = torch.arange(len(idx))
+    order = sorted(range(len(labels)), key=lambda i: (int(rank[i]), int(labels[i]), i))
+    return torch.tensor(sorted(order[:n]), dtype=torch.long)
 
-    def __init__(self, backbone, modality, centers, heads, tau):
-        head = heads[modality] if heads is not None else None
-        self.clf = ZeroShotClassifier(backbone, modality, centers, head, tau)
 
-    @torch.no_grad()
-    def logits_and_embed(self, x):
+class _Embedder(torch.nn.Module):
+    """``x -> head(backbone(x))`` (the calibrated embedding; the ranking attack's model)."""
+
+    def __init__(self, clf: ZeroShotClassifier) -> None:
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, x):
         e = self.clf.embed(x)
-        z = self.clf.head(e) if self.clf.head is not None else e
-        return self.clf.logits_from_embedding(e), z
+        return self.clf.head(e) if self.clf.head is not None else e
+
+
+class _Protocol:
+    """Every attack the protocol runs on one modality, built once and reused over batches
+    (seeded identically for every batch)."""
+
+    def __init__(self, clf: ZeroShotClassifier, cfg: EvalConfig) -> None:
+        spec = clf.spec
+        self.eps = spec.check_eps(spec.eps * cfg.eps_scale)
+        self.spec = spec
+        kw = {"spec": spec, "max_rows": cfg.max_rows}
+        self.main = AttackSuite(clf, cfg.suite, eps=self.eps, seed=cfg.seed, **kw)
+        self.compare = {
+            name: AttackSuite(clf, name, eps=self.eps, seed=cfg.seed + 50, **kw)
+            for name in cfg.compare
+        }
+        weak = [
+            AttackSpec(**{**asdict(AttackSpec.parse(w)), "alpha_ratio": cfg.weak_alpha_ratio})
+            for w in cfg.weak
+        ]
+        self.weak = AttackSuite(clf, weak, eps=self.eps, seed=cfg.seed + 100, **kw)
+        self.sweep = {
+            mult: None
+            if abs(mult - cfg.eps_scale) < 1e-9
+            else AttackSuite(
+                clf, cfg.sweep_suite, eps=spec.check_eps(spec.eps * mult), seed=cfg.seed + 200, **kw
+            )
+            for mult in cfg.sweep
+        }
+        big = spec.eps * cfg.large_eps_multiplier
+        if spec.range is not None and spec.norm == "linf":
+            big = min(big, spec.range)
+        self.large_eps = big
+        self.large = AttackSuite(clf, cfg.sweep_suite, eps=big, seed=cfg.seed + 300, **kw)
+        self.black_box = [
+            label
+            for label, s in zip(self.main.labels, self.main._built_specs(), strict=True)
+            if s.name in BLACK_BOX
+        ]
+
+
+# ------------------------------------------------------------------------------ evaluate
 
 
 def evaluate(
     backbone: Backbone,
-    dataset: MultiModalDataset,
+    data: Dataset,
     centers: Centers,
     heads: CalibrationHeads | None = None,
     *,
@@ -142,208 +280,316 @@ def evaluate(
     config: EvalConfig | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> dict:
+) -> EvalResult:
     """Evaluate the frozen model (``heads=None``) or the calibrated one against ``centers``
     (``(K, D)``, or :class:`~advcal.centers.MultiCenters`: a class scores its nearest center;
-    every center is then a text query in retrieval). Returns a dict:
-    ``modalities.<m>`` (accuracies as fractions), ``retrieval``, ``sanity``, ``config``."""
+    every center is then a text query in retrieval).
+
+    ``data`` is a map-style dataset of sample dicts (:mod:`advcal.data.protocol`: an
+    :func:`advcal.data.open` source or a :class:`~advcal.data.MultiModalDataset`). It is read
+    once per pass through a ``DataLoader`` (``config.batch_size``, ``config.workers``); under
+    torchrun each rank evaluates its own shard and the per-sample results are gathered, so
+    the totals are exact.
+    """
     cfg = config or EvalConfig()
+    show = progress
+    t_start = time.perf_counter()
     device = torch.device(device) if device is not None else centers.device
-    if cfg.cuda_graph and device.type != "cuda":
+    if cfg.amp and device.type != "cuda":
         raise ValueError(
-            f"EvalConfig(cuda_graph=True) needs a CUDA device, got {device}; "
-            "set cuda_graph=False (the default) to evaluate on this device"
+            f"EvalConfig.amp: bf16 autocast is for CUDA devices; on {device.type} it would be "
+            "slower and less precise. Drop --amp (or amp = true) to evaluate on this device"
         )
-    modalities = tuple(modalities or dataset.modalities)
+    info = data.info
+    modalities = tuple(modalities or info.modalities)
     for m in modalities:
         backbone.spec(m)
-        if m not in dataset.inputs:
-            raise ValueError(f"dataset '{dataset.name}' has no modality {m!r}")
+        if m not in info.modalities:
+            raise ValueError(
+                f"dataset '{info.name}' has no modality {m!r}; it has {list(info.modalities)}"
+            )
     if heads is not None:
         missing = [m for m in modalities if m not in heads.modalities]
         if missing:
             raise ValueError(f"heads have no head for {missing}")
     c, center_labels, num_classes = split(centers, backbone.embed_dim)
-    if center_labels is None:
-        centers = c.to(device)
-    else:
-        centers = MultiCenters(c, center_labels, list(centers.class_names)).to(device)
-    if len(dataset.class_names) != num_classes:
-        raise ValueError(
-            f"the centers cover {num_classes} classes but dataset '{dataset.name}' has "
-            f"{len(dataset.class_names)}"
-        )
-    y_all = dataset.labels.to(device)
-    n = len(dataset)
-
-    results: dict = {"modalities": {}, "retrieval": {}, "sanity": {}, "config": cfg.as_dict()}
-    embeds: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "adv": {}}
-    # Under torchrun each rank evaluates a strided shard; per-sample results are gathered.
-    local = torch.arange(n)[dist.rank() :: dist.world_size()]
-    work = [(m, idx) for m in modalities for idx in local.split(cfg.batch_size)]
-    bar = tqdm(
-        work,
-        desc="evaluate" + (" (calibrated)" if heads is not None else " (frozen)"),
-        disable=not (progress and dist.is_main()),
-        leave=False,
-        dynamic_ncols=True,
+    centers = (
+        c.to(device)
+        if center_labels is None
+        else MultiCenters(c, center_labels, list(centers.class_names)).to(device)
     )
-    acc: dict[str, dict[str, list]] = {m: {} for m in modalities}
-    suites: dict[str, tuple[_Model, _Suite]] = {}
-    for m, idx in bar:
-        if m not in suites:  # one model and attack suite per modality, reused over batches
-            model = _Model(backbone, m, centers, heads, cfg.tau)
-            suites[m] = (model, _Suite(model.clf, backbone.spec(m), cfg))
-        model, suite = suites[m]
-        x, y = dataset.inputs[m][idx].to(device), y_all[idx.to(device)]
-        rec = acc[m]
+    if info.num_classes != num_classes:
+        raise ValueError(
+            f"the centers cover {num_classes} classes but dataset '{info.name}' has "
+            f"{info.num_classes}"
+        )
 
-        def add(key, value, rec=rec):
-            rec.setdefault(key, []).append(value)
+    index = torch.arange(len(data))
+    if cfg.samples is not None and cfg.samples < len(data):
+        index = stratified_subset(data.labels, cfg.samples)
+    local = index[dist.rank() :: dist.world_size()]
+    loader = DataLoader(
+        Subset(data, local.tolist()),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate,
+    )
+    clfs = {
+        m: ZeroShotClassifier(
+            backbone, m, centers, heads[m] if heads is not None else None, cfg.tau
+        )
+        for m in modalities
+    }
+    protocols = {m: _Protocol(clfs[m], cfg) for m in modalities}
+    what = "calibrated" if heads is not None else "frozen"
+    rec: dict[str, dict[str, list]] = {m: {} for m in modalities}
+    counts: dict[str, dict[str, int]] = {m: {} for m in modalities}
+    seen: list[torch.Tensor] = []
+    skipped = 0
+    seconds: dict[str, dict[str, float]] = {m: {} for m in modalities}
+    bar = _progress.bar(
+        desc=f"evaluate ({what})",
+        total=len(loader) * len(modalities),
+        enabled=show and dist.is_main(),
+    )
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        for batch in loader:
+            skipped += len(getattr(batch, "skipped", ()) or ())
+            if len(batch) == 0:
+                continue
+            batch = batch.to(device)
+            seen.append(batch.index.cpu())
+            for m in modalities:
+                _evaluate_batch(m, batch, clfs[m], protocols[m], rec[m], counts[m], seconds[m], cfg)
+                bar.update(1)
+    bar.close()
 
-        def top1(x_adv, model=model, y=y):
-            return topk_correct(model.logits_and_embed(x_adv)[0], y, 1)
-
-        logits, z = model.logits_and_embed(x)
-        add("clean_top1", topk_correct(logits, y, 1))
-        add("clean_top5", topk_correct(logits, y, 5))
-        embeds["clean"].setdefault(m, []).append(z)
-
-        worst1 = torch.ones_like(y, dtype=torch.bool)
-        worst5 = torch.ones_like(y, dtype=torch.bool)
-        worst_x, worst_margin = x.clone(), torch.full_like(y, float("inf"), dtype=torch.float)
-        for name, atk in suite.attacks.items():
-            xa = atk(x, y)
-            la, _ = model.logits_and_embed(xa)
-            c1, c5 = topk_correct(la, y, 1), topk_correct(la, y, 5)
-            add(f"attack_{name}_top1", c1)
-            # keep, per sample, the adversarial input with the lowest true-class margin
-            margin = (
-                la.gather(1, y[:, None]).squeeze(1)
-                - la.scatter(1, y[:, None], -float("inf")).max(1).values
-            )
-            take = margin < worst_margin
-            worst_x = torch.where(take.view(-1, *([1] * (x.dim() - 1))), xa, worst_x)
-            worst_margin = torch.where(take, margin, worst_margin)
-            worst1 &= c1
-            worst5 &= c5
-        add("robust_top1", worst1)
-        add("robust_top5", worst5)
-        embeds["adv"].setdefault(m, []).append(model.logits_and_embed(worst_x)[1])
-
-        weak = torch.ones_like(y, dtype=torch.bool)
-        for atk in suite.weak:
-            weak &= top1(atk(x, y))
-        add("weak_top1", weak)
-        for mult, atk in suite.sweep.items():
-            # the full evaluation at the evaluation eps; a PGD-sweep_steps attack elsewhere
-            add(f"sweep_{mult:g}", worst1 if atk is None else top1(atk(x, y)))
-        add("large_eps_top1", top1(suite.large(x, y)))
-
-    order = dist.all_gather_cat(local).argsort()  # gathered position -> sample index order
+    order = dist.all_gather_cat(torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long))
+    perm = order.argsort()
+    n = len(order)
+    if n == 0:
+        raise ValueError(f"no sample of dataset '{info.name}' could be evaluated")
+    results: dict[str, ModalityResult] = {}
+    gathered: dict[str, dict[str, torch.Tensor]] = {}
     for m in modalities:
-        spec = backbone.spec(m)
-        r = {k: float(dist.all_gather_cat(torch.cat(v)).float().mean()) for k, v in acc[m].items()}
-        sweep = {f"{spec.eps * mult:.6g}": r.pop(f"sweep_{mult:g}") for mult in cfg.sweep}
-        results["modalities"][m] = {
-            **{k: r[k] for k in ("clean_top1", "clean_top5", "robust_top1", "robust_top5")},
-            "eps": spec.eps * cfg.eps_scale,
-            "norm": spec.norm,
-            "space": spec.space,
-            "attacks": {a: r[f"attack_{a}_top1"] for a in cfg.attacks},
-            "weak_top1": r["weak_top1"],
-            "sweep": sweep,
-            "large_eps": spec.eps * cfg.large_eps_multiplier,
-            "large_eps_top1": r["large_eps_top1"],
-        }
-    for kind in ("clean", "adv"):
-        embeds[kind] = {
-            m: dist.all_gather_cat(torch.cat(v))[order.to(device)] for m, v in embeds[kind].items()
-        }
+        g = {k: dist.all_gather_cat(torch.cat(v))[perm.to(v[0].device)] for k, v in rec[m].items()}
+        gathered[m] = g
+        names = sorted(counts[m])
+        total = dist.all_gather_cat(torch.tensor([[counts[m][k] for k in names]])).sum(0)
+        results[m] = _summarise(
+            m, g, dict(zip(names, total.tolist(), strict=True)), protocols[m], cfg, seconds[m]
+        )
+    retrieval = {}
     if cfg.retrieval:
-        results["retrieval"] = _retrieval(embeds, dataset, centers, modalities, device)
-    results["sanity"] = sanity_checks(results["modalities"], cfg)
-    return results
+        retrieval = _retrieval(
+            gathered,
+            order[perm],
+            data,
+            loader,
+            clfs,
+            protocols,
+            centers,
+            modalities,
+            cfg,
+            device,
+            show,
+        )
+    sanity = sanity_checks(results, cfg)
+    data_info = {
+        "name": info.name,
+        "source": info.source,
+        "split": info.split,
+        "fingerprint": info.fingerprint,
+        "n": n,
+        "of": len(data),
+        "subset": None
+        if cfg.samples is None or cfg.samples >= len(data)
+        else f"stratified: the first {cfg.samples} samples taking each class in turn",
+        "skipped": int(dist.all_gather_cat(torch.tensor([skipped])).sum()),
+    }
+    return EvalResult(
+        results, retrieval, sanity, cfg.as_dict(), data_info, time.perf_counter() - t_start
+    )
 
 
-class _Suite:
-    """Every attack the protocol runs on one modality, built once (seeded identically for
-    every batch; with ``cuda_graph`` each captures its step once per batch shape)."""
+def _evaluate_batch(m, batch: Batch, clf, proto: _Protocol, rec, counts, seconds, cfg) -> None:
+    x, y = batch.inputs[m], batch.labels
 
-    def __init__(self, clf: ZeroShotClassifier, spec, cfg: EvalConfig) -> None:
-        eps = spec.check_eps(spec.eps * cfg.eps_scale)
-        graph = cfg.cuda_graph
-        self.attacks = {
-            name: ATTACKS[name](
-                clf,
-                eps=eps,
-                steps=cfg.steps,
-                restarts=cfg.restarts[i],
-                alpha_ratio=cfg.alpha_ratio,
-                seed=cfg.seed + i,
-                cuda_graph=graph,
-            )
-            for i, name in enumerate(cfg.attacks)
-        }
+    def add(key, value):  # per sample
+        rec.setdefault(key, []).append(value.detach())
 
-        def pgd(eps: float, steps: int, seed: int, cls=PGD) -> Attack:
-            return cls(
-                clf,
-                eps=eps,
-                steps=steps,
-                alpha_ratio=cfg.weak_alpha_ratio,
-                seed=seed,
-                cuda_graph=graph,
-            )
+    def count(key, n: int):  # per batch, summed
+        counts[key] = counts.get(key, 0) + n
 
-        self.weak = [  # the training-strength attacks
-            pgd(eps, cfg.weak_steps, cfg.seed + 100 + i, ATTACKS[name])
-            for i, name in enumerate(cfg.weak_attacks)
-        ]
-        self.sweep: dict[float, PGD | None] = {
-            mult: None
-            if abs(mult - cfg.eps_scale) < 1e-9
-            else pgd(spec.check_eps(spec.eps * mult), cfg.sweep_steps, cfg.seed + 200)
-            for mult in cfg.sweep
-        }
-        big = spec.eps * cfg.large_eps_multiplier
-        if spec.range is not None and spec.norm == "linf":
-            big = min(big, spec.range)
-        self.large = pgd(big, cfg.sweep_steps, cfg.seed + 300)
+    def tick(key, t0):
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+
+    with torch.no_grad():
+        e = clf.embed(x)
+        logits = clf.logits_from_embedding(e).float()
+        z = clf.head(e) if clf.head is not None else e
+    add("index", batch.index)
+    add("ids", batch.ids)
+    add("labels", y)
+    add("clean_top1", topk_correct(logits, y, 1))
+    add("clean_top5", topk_correct(logits, y, 5))
+    add("z_clean", z.float())
+    res = proto.main.run(x, y)
+    for k, v in res.seconds.items():
+        seconds[k] = seconds.get(k, 0.0) + v
+    for label, robust in res.after.items():
+        add(f"after:{label}", robust)
+    add("robust_top1", res.robust)
+    with torch.no_grad():
+        e_adv = clf.embed(res.worst)
+        add("robust_top5", topk_correct(clf.logits_from_embedding(e_adv).float(), y, 5))
+        add("z_adv", (clf.head(e_adv) if clf.head is not None else e_adv).float())
+    for label, n_broken in res.broken_by.items():
+        count(f"broken:{label}", n_broken)
+    if proto.black_box:
+        bb = proto.black_box[0]
+        labels = list(res.after)
+        before_bb = labels[labels.index(bb) - 1] if labels.index(bb) > 0 else None
+        prior = res.after[before_bb] if before_bb else res.clean
+        count("black_box_broke", int((prior & ~res.after[bb]).sum()))
+    for name, suite in proto.compare.items():
+        t0 = time.perf_counter()
+        add(f"compare:{name}", suite.run(x, y).robust)
+        tick(f"compare:{name}", t0)
+    t0 = time.perf_counter()
+    add("weak_top1", proto.weak.run(x, y).robust)
+    tick("weak", t0)
+    t0 = time.perf_counter()
+    for mult, suite in proto.sweep.items():
+        add(f"sweep:{mult:g}", res.robust if suite is None else suite.run(x, y).robust)
+    add("large_eps_top1", proto.large.run(x, y).robust)
+    tick("sweep", t0)
 
 
-def _retrieval(embeds, dataset, centers, modalities, device) -> dict:
-    """R@1/5/10: instance retrieval between paired modalities (query clean, gallery clean or
-    attacked), and text -> modality (query = class center, hit = an item of that class)."""
-    ids = dataset.ids.to(device)
-    labels = dataset.labels.to(device)
+def _summarise(m, g, counts, proto: _Protocol, cfg: EvalConfig, seconds) -> ModalityResult:
+    def mean(key):
+        return float(g[key].float().mean())
+
+    spec = proto.spec
+    attacks = {label: mean(f"after:{label}") for label in proto.main.labels}
+    broken = {label: int(counts.get(f"broken:{label}", 0)) for label in proto.main.labels}
+    sweep = {f"{spec.eps * mult:.6g}": mean(f"sweep:{mult:g}") for mult in cfg.sweep}
+    return ModalityResult(
+        n=len(g["labels"]),
+        eps=proto.eps,
+        norm=spec.norm,
+        space=spec.space,
+        clean_top1=mean("clean_top1"),
+        clean_top5=mean("clean_top5"),
+        robust_top1=mean("robust_top1"),
+        robust_top5=mean("robust_top5"),
+        attacks=attacks,
+        broken_by=broken,
+        compare={name: mean(f"compare:{name}") for name in cfg.compare},
+        weak_top1=mean("weak_top1"),
+        sweep=sweep,
+        large_eps=proto.large_eps,
+        large_eps_top1=mean("large_eps_top1"),
+        black_box_broke=int(counts["black_box_broke"]) if proto.black_box else None,
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )
+
+
+def _retrieval(
+    gathered, index, data, loader, clfs, protocols, centers, modalities, cfg, device, show
+):
+    """R@1/5/10: instance retrieval ``anchor -> m`` (gallery clean, or each item attacked by
+    the ranking attack against its paired query), and text -> modality (every center a query,
+    its hits the items of its class; gallery clean or the suite's worst case)."""
     out: dict[str, dict] = {}
     anchor = modalities[0]
+    ids = gathered[anchor]["ids"]
     for m in modalities[1:]:
-        for kind in ("clean", "adv"):
-            out.setdefault(f"{anchor}->{m}", {})[kind] = recall_at_k(
-                embeds["clean"][anchor], embeds[kind][m], ids, ids
-            )
-    # every center is a text query; its hits are the items of its class
+        q, g = gathered[anchor]["z_clean"], gathered[m]["z_clean"]
+        out[f"{anchor}->{m}"] = {
+            "clean": recall_at_k(q, g, ids, ids),
+            "adv": recall_at_k(
+                q,
+                _ranked_gallery(m, q, g, index, loader, clfs, protocols, cfg, device, show),
+                ids,
+                ids,
+            ),
+        }
     queries, classes, _ = split(centers)
     if classes is None:
-        classes = torch.arange(queries.shape[0], device=device)
+        classes = torch.arange(queries.shape[0], device=queries.device)
     for m in modalities:
-        for kind in ("clean", "adv"):
-            out.setdefault(f"text->{m}", {})[kind] = recall_at_k(
-                queries, embeds[kind][m], classes, labels
-            )
+        labels = gathered[m]["labels"]
+        out[f"text->{m}"] = {
+            kind: recall_at_k(queries, gathered[m][f"z_{kind}"], classes, labels)
+            for kind in ("clean", "adv")
+        }
     return out
 
 
-def sanity_checks(per_modality: dict, cfg: EvalConfig) -> dict[str, bool]:
+def _ranked_gallery(m, q, g, index, loader, clfs, protocols, cfg, device, show):
+    """The gallery of ``m`` with every item attacked by the ranking attack (its query: the
+    anchor embedding of the same instance; its competitors: the query's best other items)."""
+    pos = {int(i): k for k, i in enumerate(index.tolist())}
+    comp = competitors(q, g, k=10)
+    proto = protocols[m]
+    atk = RankAttack(
+        _Embedder(clfs[m]),
+        spec=proto.spec,
+        eps=proto.eps,
+        steps=cfg.retrieval_steps,
+        tau=cfg.tau,
+        seed=cfg.seed + 400,
+        max_rows=cfg.max_rows,
+    )
+    adv, where = [], []
+    bar = _progress.bar(
+        desc=f"retrieval attack ({m})", total=len(loader), enabled=show and dist.is_main()
+    )
+    for batch in loader:
+        if len(batch) == 0:
+            continue
+        batch = batch.to(device)
+        rows = torch.tensor([pos[int(i)] for i in batch.index.tolist()], device=q.device)
+        xa = atk(batch.inputs[m], q[rows], comp[rows])
+        with torch.no_grad():
+            adv.append(_Embedder(clfs[m])(xa).float())
+        where.append(rows)
+        bar.update(1)
+    bar.close()
+    z = dist.all_gather_cat(torch.cat(adv))
+    rows = dist.all_gather_cat(torch.cat(where))
+    return z[rows.argsort()]
+
+
+def sanity_checks(
+    per_modality: dict[str, ModalityResult], cfg: EvalConfig
+) -> dict[str, bool | None]:
     """The honest-evaluation checks of DESIGN.md, per modality (``<check>.<modality>``)."""
-    out: dict[str, bool] = {}
+    out: dict[str, bool | None] = {}
     for m, r in per_modality.items():
-        sweep = [r["sweep"][k] for k in sorted(r["sweep"], key=float)]
-        out[f"robust_le_clean.{m}"] = r["robust_top1"] <= r["clean_top1"] + cfg.noise
+        sweep = [r.sweep[k] for k in sorted(r.sweep, key=float)]
+        out[f"robust_le_clean.{m}"] = r.robust_top1 <= r.clean_top1 + cfg.noise
         out[f"monotone_in_eps.{m}"] = all(b <= a + cfg.noise for a, b in itertools.pairwise(sweep))
-        out[f"large_eps_breaks.{m}"] = r["large_eps_top1"] <= cfg.large_eps_max_acc
-        out[f"more_steps_not_higher.{m}"] = r["robust_top1"] <= r["weak_top1"] + cfg.noise
-        out[f"no_gradient_masking.{m}"] = r["weak_top1"] - r["robust_top1"] <= cfg.masking_gap
+        out[f"large_eps_breaks.{m}"] = r.large_eps_top1 <= cfg.large_eps_max_acc
+        out[f"more_steps_not_higher.{m}"] = r.robust_top1 <= r.weak_top1 + cfg.noise
+        out[f"no_gradient_masking.{m}"] = r.weak_top1 - r.robust_top1 <= cfg.masking_gap
+        out[f"black_box_not_better.{m}"] = (
+            None if r.black_box_broke is None else r.black_box_broke <= math.floor(cfg.noise * r.n)
+        )
     return out
+
+
+__all__ = [
+    "EvalConfig",
+    "EvalResult",
+    "ModalityResult",
+    "evaluate",
+    "recall_at_k",
+    "sanity_checks",
+    "stratified_subset",
+    "topk_correct",
+]

@@ -110,32 +110,75 @@ class Objective:
         *,
         cross_probs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of ``head`` on frozen adversarial embeddings ``e_adv`` (B, D).
+        """Loss of ``head`` on frozen adversarial embeddings ``e_adv`` (B, D): the batch mean
+        of :meth:`per_sample` (InfoNCE contrasts the batch with itself).
 
         ``cross_probs`` (B, K): the frozen clean prediction of the same instances in the other
         modalities, when the batch pairs them; it adds the paired cross-modal consistency term.
         Returns the loss and its parts (detached 0-dim tensors, for logging: reading them
         with ``float()`` is the caller's choice of when to synchronise with the device).
         """
+        pos = torch.arange(e_adv.shape[0], device=e_adv.device)
+        loss, parts = self.per_sample(
+            head, e_adv, e_clean, pos, centers, labels, cross_probs=cross_probs
+        )
+        return loss.mean(), {k: v.mean().detach() for k, v in parts.items()}
+
+    def per_sample(
+        self,
+        head: Head,
+        e_adv: torch.Tensor,
+        e_batch: torch.Tensor,
+        pos: torch.Tensor,
+        centers: Centers,
+        labels: torch.Tensor,
+        *,
+        cross_probs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample loss ``(b,)`` and parts ``(b,)`` for ``b`` samples of a larger batch.
+
+        ``e_adv`` (b, D): the frozen adversarial embeddings of these samples; ``e_batch``
+        (B, D): the frozen clean embeddings of the whole (global) batch, ``pos`` (b,) the rows
+        of these samples in it. InfoNCE contrasts each sample with every clean embedding of
+        the batch (its positive at ``pos``); the other terms use the sample's own row.
+        Summing over every part of the batch and dividing by B gives :meth:`__call__`.
+        """
         _check(e_adv, centers, labels)
+        if pos.shape != labels.shape:
+            raise ValueError(f"pos must be {tuple(labels.shape)}, got {tuple(pos.shape)}")
+        e_clean = e_batch[pos]
         z = head(e_adv)
         parts: dict[str, torch.Tensor] = {}
         if self.ce:
             fused = None if isinstance(centers, MultiCenters) else head.fused()
             if fused is not None:  # one kernel: projection + normalisation + CE
                 w, b, residual = fused
-                parts["ce"] = ops.head_ce(e_adv, w, b, centers, labels, self.tau, residual=residual)
+                parts["ce"] = ops.head_ce(
+                    e_adv, w, b, centers, labels, self.tau, residual=residual, reduction="none"
+                )
             else:
-                parts["ce"] = fixed_center_ce(z, centers, labels, self.tau)
+                logits = zero_shot_logits(z, centers, self.tau)
+                parts["ce"] = F.cross_entropy(logits, labels, reduction="none")
         if self.l2:
-            parts["l2"] = l2_alignment(z, e_clean)
+            target = F.normalize(e_clean.detach().float(), dim=-1)
+            parts["l2"] = (F.normalize(z.float(), dim=-1) - target).pow(2).sum(-1)
         if self.infonce:
-            parts["infonce"] = infonce(z, e_clean, self.tau)
+            b = z.shape[0]
+            if b == e_batch.shape[0] and bool((pos == torch.arange(b, device=pos.device)).all()):
+                # the whole batch, in order: the tiled op (no B x B matrix), its mean spread
+                parts["infonce"] = ops.infonce(z, e_batch.detach(), self.tau).expand(b)
+            else:
+                sim = (
+                    F.normalize(z.float(), dim=-1) @ F.normalize(e_batch.detach().float(), dim=-1).T
+                )
+                parts["infonce"] = F.cross_entropy(sim / self.tau, pos, reduction="none")
         if self.consistency:
-            term = modality_consistency(z, e_clean, centers, self.tau)
+            log_p = F.log_softmax(zero_shot_logits(z, centers, self.tau), -1)
+            p_ref = F.softmax(zero_shot_logits(e_clean.detach(), centers, self.tau), -1)
+            term = F.kl_div(log_p, p_ref, reduction="none").sum(-1)
             if cross_probs is not None:
-                term = term + modality_consistency(
-                    z, cross_probs, centers, self.tau, reference_is_prob=True
+                term = term + F.kl_div(log_p, cross_probs.detach().float(), reduction="none").sum(
+                    -1
                 )
             parts["consistency"] = term
         weights = {
@@ -144,5 +187,5 @@ class Objective:
             "infonce": self.infonce,
             "consistency": self.consistency,
         }
-        loss = sum(weights[k] * v for k, v in parts.items())
+        loss = sum(weights[k] * v.float() for k, v in parts.items())
         return loss, {k: v.detach() for k, v in parts.items()}

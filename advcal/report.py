@@ -14,12 +14,31 @@ from pathlib import Path
 
 METHOD = (
     "Frozen backbone and fixed text centers; one trainable head per modality trained only on "
-    "adversarial examples (PGD through backbone + head); objective = weighted sum of fixed-center "
-    "CE, clean->adversarial L2, clean-adversarial InfoNCE and modality-consistency KL. "
-    "Evaluation attacks are adaptive (through backbone and head); robust accuracy is the "
-    "per-sample "
-    "worst case over the attacks."
+    "adversarial examples (attacks through backbone + head); objective = weighted sum of "
+    "fixed-center CE, clean->adversarial L2, clean-adversarial InfoNCE and modality-consistency "
+    "KL. Evaluation attacks are adaptive (through backbone and head); a sample counts as robust "
+    "only if every attack of the suite fails on it."
 )
+_PER_SIDE = (
+    "clean_top1",
+    "clean_top5",
+    "robust_top1",
+    "robust_top5",
+    "attacks",
+    "broken_by",
+    "compare",
+    "weak_top1",
+    "sweep",
+    "large_eps_top1",
+    "black_box_broke",
+    "seconds",
+)
+
+
+def _as_dict(result) -> dict | None:
+    if result is None or isinstance(result, dict):
+        return result
+    return result.to_dict()  # an advcal.evaluate.EvalResult
 
 
 def build(
@@ -27,30 +46,22 @@ def build(
     backbone: str,
     backbone_params: int,
     trainable_params: int,
-    before: dict,
-    after: dict | None,
+    before,
+    after,
     config: dict,
     timings: dict,
     dataset: str,
 ) -> dict:
+    """One report dict from a frozen (``before``) and a calibrated (``after``, or None)
+    evaluation (:class:`advcal.evaluate.EvalResult` or its ``to_dict()``). Per modality, every
+    per-evaluation number ``k`` appears as ``k_before`` / ``k_after``."""
+    before, after = _as_dict(before), _as_dict(after)
     mods = {}
     for m, b in before["modalities"].items():
         a = (after or {}).get("modalities", {}).get(m, {})
-        entry = {
-            "eps": b["eps"],
-            "norm": b["norm"],
-            "space": b["space"],
-            "clean_top1_before": b["clean_top1"],
-            "clean_top5_before": b["clean_top5"],
-            "robust_top1_before": b["robust_top1"],
-            "robust_top5_before": b["robust_top5"],
-            "attacks": {"before": b["attacks"], "after": a.get("attacks")},
-            "sweep": {"before": b["sweep"], "after": a.get("sweep")},
-            "weak_top1": {"before": b["weak_top1"], "after": a.get("weak_top1")},
-            "large_eps": b["large_eps"],
-            "large_eps_top1": {"before": b["large_eps_top1"], "after": a.get("large_eps_top1")},
-        }
-        for k in ("clean_top1", "clean_top5", "robust_top1", "robust_top5"):
+        entry = {k: b[k] for k in ("n", "eps", "norm", "space", "large_eps")}
+        for k in _PER_SIDE:
+            entry[f"{k}_before"] = b[k]
             entry[f"{k}_after"] = a.get(k)
         mods[m] = entry
     sanity = {f"before.{k}": v for k, v in before["sanity"].items()}
@@ -63,12 +74,14 @@ def build(
     return {
         "backbone": backbone,
         "dataset": dataset,
+        "data": before["data"],
         "method": METHOD,
         "config": {**config, "eval": before["config"]},
         "modalities": mods,
         "retrieval": retrieval,
         "sanity": sanity,
-        "sanity_passed": all(sanity.values()),
+        "sanity_passed": all(v is not False for v in sanity.values()),
+        "sanity_not_run": sorted(k for k, v in sanity.items() if v is None),
         "trainable_params": trainable_params,
         "backbone_params": backbone_params,
         "trainable_fraction": trainable_params / max(backbone_params, 1),
@@ -124,28 +137,93 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _protocol(ev: dict) -> str:
-    """``pgd-50 x 2 restarts, crossmaxim-50 x 1 restart (step 0.1·eps)``."""
-    restarts = ev["restarts"]
-    if isinstance(restarts, int):
-        restarts = [restarts] * len(ev["attacks"])
-    parts = [
-        f"{a}-{ev['steps']} x {r} restart{'s' if r != 1 else ''}"
-        for a, r in zip(ev["attacks"], restarts, strict=True)
+def cascade_table(report: dict) -> str:
+    """Robust top-1 after each attack of the suite (each runs on what the earlier ones left)."""
+    mods = report["modalities"]
+    labels = list(next(iter(mods.values()))["attacks_before"]) if mods else []
+    lines = [
+        "| modality | model | clean | " + " | ".join(f"after {x}" for x in labels) + " |",
+        "|---|---|---|" + "---|" * len(labels),
     ]
-    return ", ".join(parts) + f" (step {ev['alpha_ratio']:g}·eps)"
+    for m, r in mods.items():
+        for when in ("before", "after"):
+            acc = r[f"attacks_{when}"]
+            if acc is None:
+                continue
+            broke = r[f"broken_by_{when}"] or {}
+            cells = [f"{_pct(acc.get(x))} (-{broke.get(x, 0)})" for x in labels]
+            model = "frozen" if when == "before" else "calibrated"
+            lines.append(
+                f"| {m} | {model} | {_pct(r[f'clean_top1_{when}'])} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
+def compare_table(report: dict) -> str:
+    """Robust top-1 under the comparison suites beside the main suite's."""
+    mods = report["modalities"]
+    names = list(next(iter(mods.values()))["compare_before"]) if mods else []
+    if not names:
+        return ""
+    suite = report["config"]["eval"]["suite"]
+    suite = suite if isinstance(suite, str) else "custom"
+    head = ["modality"]
+    for when in ("frozen", "calibrated"):
+        head += [f"{n} ({when})" for n in names] + [f"{suite} ({when})"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m, r in mods.items():
+        cells = [m]
+        for when in ("before", "after"):
+            cmp = r[f"compare_{when}"] or {}
+            cells += [_pct(cmp.get(n)) for n in names] + [_pct(r[f"robust_top1_{when}"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _suite_text(ev: dict) -> str:
+    """``standard (apgd-ce-100 -> apgd-t-100 -> fab-t-100 -> square-5000q)``."""
+    from advcal.attacks.suite import resolve
+
+    specs = resolve(ev["suite"])
+    name = ev["suite"] if isinstance(ev["suite"], str) else "custom"
+    return f"{name} ({' -> '.join(s.label for s in specs)})"
+
+
+def summary(report: dict, out: Path | str, seconds: float) -> str:
+    """What the CLI prints after a run: the table, the checks, the parameters, where."""
+    failed = [k for k, v in report["sanity"].items() if v is False]
+    not_run = report.get("sanity_not_run") or []
+    checks = "all passed" if not failed else "FAILED: " + ", ".join(failed)
+    if not_run:
+        checks += f" ({len(not_run)} not run: {', '.join(not_run)})"
+    data = report.get("data") or {}
+    lines = [
+        table(report),
+        "",
+        f"robust = worst case over the {_suite_text(report['config']['eval'])} suite, "
+        f"{data.get('n', '?')} of {data.get('of', '?')} {data.get('split', '')} samples"
+        + (f" ({data['subset']})" if data.get("subset") else ""),
+        f"sanity checks: {checks}",
+        f"trainable parameters: {report['trainable_params']:,} "
+        f"({100 * report['trainable_fraction']:.2f}% of the backbone)",
+        f"report: {Path(out) / 'report.md'}  ({seconds:.0f} s)",
+    ]
+    return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
     cfg = report["config"]
     ev = cfg["eval"]
-    failed = [k for k, v in report["sanity"].items() if not v]
+    failed = [k for k, v in report["sanity"].items() if v is False]
+    data = report.get("data") or {}
+    subset = f" ({data['subset']})" if data.get("subset") else ""
     out = [
         f"# advcal report: {report['backbone']} on {report['dataset']}",
         "",
-        "Top-1 accuracy (%) on the evaluation split. Robust = per-sample worst case over "
-        + _protocol(ev)
-        + ", adaptive through backbone and head.",
+        f"Top-1 accuracy (%) on {data.get('n', '?')} of the {data.get('of', '?')} samples of "
+        f"`{data.get('source', report['dataset'])}` split `{data.get('split', '?')}`{subset}. "
+        f"Robust = per-sample worst case over the {_suite_text(ev)} suite, each attack run on "
+        "the samples every earlier one failed on, adaptive through backbone and head.",
         "",
         table(report),
         "",
@@ -153,15 +231,41 @@ def markdown(report: dict) -> str:
         f"({100 * report['trainable_fraction']:.2f}% of the backbone's "
         f"{report['backbone_params']:,}).",
         "",
+        "## Robust accuracy after each attack",
+        "",
+        "Each cell: robust top-1 (%) after that attack (samples it broke).",
+        "",
+        cascade_table(report),
+        "",
+    ]
+    cmp = compare_table(report)
+    if cmp:
+        out += [
+            "## The same models under other suites",
+            "",
+            "Robust top-1 (%) under each comparison suite beside the main one: a suite of "
+            "cross-entropy attacks only (`legacy`) overstates robustness.",
+            "",
+            cmp,
+            "",
+        ]
+    out += [
         "## Sanity checks",
         "",
         "All passed." if not failed else "**FAILED:** " + ", ".join(failed),
         "",
         "| check | result |",
         "|---|---|",
-        *[f"| {k} | {'pass' if v else '**FAIL**'} |" for k, v in report["sanity"].items()],
+        *[
+            f"| {k} | {'pass' if v else ('not run' if v is None else '**FAIL**')} |"
+            for k, v in report["sanity"].items()
+        ],
         "",
         "## Retrieval (R@1 / R@5 / R@10, %)",
+        "",
+        "Instance retrieval `a->m`: the clean `a` embedding queries the `m` gallery, clean or "
+        "with every item attacked on its ranking margin. `text->m`: every class center queries "
+        "the gallery, clean or the suite's worst-case examples.",
         "",
         "| pair | gallery | before | after |",
         "|---|---|---|---|",
@@ -211,7 +315,7 @@ def plot(report: dict, path: Path) -> bool:
         # pixels and waveforms live in unit-width ranges: eps reads best in 1/255 steps
         scale, unit = (255.0, " (x/255)") if r["space"] in ("pixels", "waveform") else (1.0, "")
         for when, style in (("before", "--o"), ("after", "-o")):
-            sweep = r["sweep"][when]
+            sweep = r[f"sweep_{when}"]
             if not sweep:
                 continue
             eps = sorted(sweep, key=float)

@@ -86,13 +86,15 @@ def test_many_centers_score_by_the_nearest_and_attacks_use_them(toy):
 def test_evaluate_and_calibrate_with_multi_centers(toy):
     bb, centers, ds = toy
     mc = _spread(centers, ds.class_names)
-    cfg = EvalConfig(steps=3, restarts=1, sweep_steps=2, weak_steps=2)
+    cfg = EvalConfig(
+        suite=("apgd-ce:3", "apgd-t:3"), sweep_suite=("apgd-ce:2",), weak=("pgd:2",), compare=()
+    )
     rep = evaluate(bb, ds, mc, None, config=cfg, progress=False)
     clf = ZeroShotClassifier(bb, "img", mc)
     with torch.no_grad():
         clean = (clf(ds.inputs["img"]).argmax(1) == ds.labels).float().mean().item()
-    assert rep["modalities"]["img"]["clean_top1"] == pytest.approx(clean)
-    assert set(rep["retrieval"]) >= {"text->img", "img->vec"}
+    assert rep.modalities["img"].clean_top1 == pytest.approx(clean)
+    assert set(rep.retrieval) >= {"text->img", "img->vec"}
     cal = Calibrator(bb, mc, ["img", "vec"], CalibConfig(epochs=1, batch_size=32, attack_steps=2))
     heads = cal.fit(ds, progress=False)
     assert any(p.abs().sum() > 0 for p in heads.parameters())
@@ -137,4 +139,4 @@ def test_bad_centers(tmp_path, toy):
     with pytest.raises(ValueError, match="is a pickle"):
         ac.load_centers(tmp_path / "c.pkl")
     with pytest.raises(ValueError, match="cover 3 classes"):
-        evaluate(bb, ds, centers[:3], None, config=EvalConfig(steps=1), progress=False)
+        evaluate(bb, ds, centers[:3], None, config=EvalConfig(suite=("apgd-ce:1",)), progress=False)

@@ -85,6 +85,9 @@ class IterativeAttack(Attack):
         schedule: ``"constant"`` (PGD) or ``"apgd"``.
         momentum, rho: APGD's momentum and checkpoint threshold.
         n_targets: > 0 makes the loss targeted (``dlr_t``) over that many wrong classes.
+        sample_targets: one row per sample, its target drawn uniformly among the
+            ``n_targets`` highest-scoring wrong classes (a training attack), instead of a row
+            per target.
         early_stop: see the module docstring.
         random_start: start uniformly inside the ball (True) or at ``x``.
         max_rows: cap on rows per forward pass (APGD-T: samples x targets).
@@ -110,6 +113,7 @@ class IterativeAttack(Attack):
         momentum: float = 0.75,
         rho: float = 0.75,
         n_targets: int = 0,
+        sample_targets: bool = False,
         early_stop: bool = False,
         random_start: bool = True,
         seed: int = 0,
@@ -146,6 +150,7 @@ class IterativeAttack(Attack):
         }
         self.steps, self.restarts, self.schedule = steps, restarts, schedule
         self.momentum, self.rho, self.n_targets = momentum, rho, n_targets
+        self.sample_targets = bool(sample_targets)
         self.early_stop, self.random_start = bool(early_stop), bool(random_start)
         self.max_rows = max_rows
         self.auto_targets = 0  # APGDT: n_targets = min(auto_targets, K - 1) per model
@@ -160,6 +165,25 @@ class IterativeAttack(Attack):
             )
         self._graphs: dict[tuple, _CapturedStep] = {}
         self._pool = None
+        self._keys: torch.Tensor | None = None
+
+    def __call__(self, x, y: torch.Tensor, *, keys: torch.Tensor | None = None):
+        """Adversarial examples for ``x``. ``keys`` (optional, ``(B,)`` int64): every random
+        draw of sample ``i`` (its random start, its sampled target) comes from a generator
+        seeded by ``(seed, keys[i])``, so a sample's attack does not depend on which batch, or
+        which torchrun rank, it lands in (slower: one draw per sample)."""
+        if keys is not None and (not isinstance(keys, torch.Tensor) or keys.shape != (len(y),)):
+            raise ValueError(f"keys must be a ({len(y)},) int64 tensor, one per sample")
+        self._keys = None if keys is None else keys.to(torch.int64).cpu()
+        try:
+            return super().__call__(x, y)
+        finally:
+            self._keys = None
+
+    def _keyed(self, key: int, salt: int, device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(
+            (self.seed * 1_000_003 + key * 7919 + salt) % (2**62)
+        )
 
     # -- the objective ------------------------------------------------------------------
     @property
@@ -222,27 +246,47 @@ class IterativeAttack(Attack):
         ref = targets = None
         if self.loss_name == "kl":  # TRADES: the model's own clean prediction
             ref = {m: predict(t.model, x0[m]) for m, t in self.targets.items()}
+        n_cols = 0
         if self.n_targets:
             targets = {m: self._targets(t.model, x0[m], y) for m, t in self.targets.items()}
+            n_cols = self.n_targets  # set by _targets (min(9, K - 1) for APGD-T's default)
+            if self.sample_targets:  # one target per sample, drawn among its candidates
+                targets = {m: self._sample_target(t, gen) for m, t in targets.items()}
+                n_cols = 1
         aux = self._aux(x0, y)
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             # one pass per group of targets (all at once when they fit in max_rows)
             first = 0
-            while first < max(self.n_targets, 1):
+            while first < max(n_cols, 1):
                 # evaluation attacks only the samples no earlier pass has fooled; training
                 # semantics attack every sample in every restart
                 live = {m: ~f if self.tracks_iterates else None for m, f in fooled.items()}
                 count = max(int(v.sum()) if v is not None else n for v in live.values())
-                per = max(1, min(self.n_targets, self.max_rows // max(count, 1)))
-                cols = range(first, min(first + per, self.n_targets)) if self.n_targets else None
+                per = max(1, min(n_cols, self.max_rows // max(count, 1)))
+                cols = range(first, min(first + per, n_cols)) if n_cols else None
                 first += per
                 rows = {m: self._rows(x0[m], y, live[m], targets, ref, m, cols, aux[m]) for m in x0}
                 if all(len(r) == 0 for r in rows.values()):
                     break
-                self._pass(rows, gen, fooled, out, out_loss)
+                self._pass(rows, gen, fooled, out, out_loss, salt=restart * 1000 + first)
             if self.tracks_iterates and all(bool(f.all()) for f in fooled.values()):
                 break
         return out
+
+    def _sample_target(self, candidates: torch.Tensor, gen) -> torch.Tensor:
+        """``(B, 1)``: one column of ``candidates`` per sample, uniformly (keyed per sample
+        when the call gave keys)."""
+        k = candidates.shape[1]
+        if self._keys is None:
+            col = torch.randint(0, k, (len(candidates),), generator=gen, device=gen.device)
+        else:
+            col = torch.tensor(
+                [
+                    int(torch.randint(0, k, (1,), generator=self._keyed(int(key), -1, "cpu")))
+                    for key in self._keys
+                ]
+            )
+        return candidates.gather(1, col.to(candidates.device)[:, None])
 
     def _targets(self, model, x0, y) -> torch.Tensor:
         """``(B, n_targets)``: the highest-scoring wrong classes at the clean input."""
@@ -274,10 +318,13 @@ class IterativeAttack(Attack):
         state["x"] = state["x0"].clone()
         return _Rows(**state)
 
-    def _pass(self, rows: dict[str, _Rows], gen, fooled, out, out_loss) -> None:
+    def _pass(self, rows: dict[str, _Rows], gen, fooled, out, out_loss, salt: int = 0) -> None:
         """One restart (or target group) over ``rows``, all modalities in lockstep."""
         groups = by_norm({m: self.targets[m] for m in rows})
-        if self.random_start:
+        if self.random_start and self._keys is not None:
+            for i, (m, r) in enumerate(rows.items()):
+                self._keyed_start(m, r, salt * 64 + i)
+        elif self.random_start:
             for norm, ms in groups.items():
                 ops.random_start_(
                     [rows[m].x for m in ms],
@@ -365,6 +412,19 @@ class IterativeAttack(Attack):
                 self._keep_best_unfooled(r, fooled[m], out[m], out_loss[m])
             elif self.restarts == 1:  # training semantics, one restart: the final iterate
                 out[m][r.pos] = r.x
+
+    def _keyed_start(self, m: str, r: _Rows, salt: int) -> None:
+        """The random start, drawn per sample from its key (same law as ``random_start_``)."""
+        t = self.targets[m]
+        for j, p in enumerate(r.pos.tolist()):
+            g = self._keyed(int(self._keys[p]), salt, "cpu")
+            if t.norm == "linf":
+                d = (2 * torch.rand(r.x0.shape[1:], generator=g) - 1) * t.eps
+            else:
+                d = torch.randn(r.x0.shape[1:], generator=g)
+                d = d * (t.eps * torch.rand((), generator=g) / d.norm().clamp_min(1e-12))
+            v = r.x0[j].float() + d.to(r.x0.device)
+            r.x[j] = v if t.lo is None and t.hi is None else v.clamp(t.lo, t.hi)
 
     # -- bookkeeping --------------------------------------------------------------------
     def _track(self, r: _Rows, logits, loss, fooled, out, out_loss) -> None:
@@ -457,10 +517,14 @@ class IterativeAttack(Attack):
         fooled = {m: torch.zeros(n, dtype=torch.bool, device=y.device) for m in x0}
         out_loss = {m: torch.full((n,), -float("inf"), device=y.device) for m in x0}
         groups = by_norm(self.targets)
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             for m in x0:
                 step.x_adv[m].copy_(step.x0[m])
-            if self.random_start:
+            if self.random_start and self._keys is not None:  # eager, outside the graph
+                for i, m in enumerate(x0):
+                    r = _Rows(pos=torch.arange(n), x0=step.x0[m], x=step.x_adv[m])
+                    self._keyed_start(m, r, restart * 64 + i)
+            elif self.random_start:
                 for norm, ms in groups.items():
                     ops.random_start_(
                         [step.x_adv[m] for m in ms],
