@@ -174,6 +174,7 @@ SMOKE = {  # script -> its CPU smoke arguments
     "bench_backbone.py": ["--tiny", "--quick"],
     "bench_bind_towers.py": ["--tiny", "--threads", "1"],
     "bench_fps_knn.py": ["--quick"],
+    "bench_loader.py": ["--quick"],
 }
 
 

@@ -202,6 +202,9 @@ def test_msrvtt_retrieval_1k_split_and_captions(tmp_path):
     assert (ds.labels == -1).all() and ds.info.class_names == ()
     assert ds.info.captions[9770] == ("a test caption of video 9770",)
     assert ds[0]["inputs"]["video"].shape == (4, 3, 32, 32)
+    # workers forked after the parent decoded a video (PyAV's cached scaler once hung them)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=D.collate, timeout=120)
+    assert [b.ids.tolist() for b in loader] == [[7010, 7020], [9770]]
     train = D.open(f"msrvtt:{tmp_path}", "train")
     assert train.ids.tolist() == [1, 2] and len(train.info.captions[2]) == 2
 

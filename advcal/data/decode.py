@@ -211,13 +211,17 @@ class VideoFile:
             raise IndexError(f"frame index out of [0, {self.num_frames}) for {self.path}")
         keep = set(want)
         got: dict[int, np.ndarray] = {}
+        # a fresh reformatter per call: PyAV caches a scaler (with its own worker threads)
+        # that a forked DataLoader worker would inherit without the threads and hang on
+        from av.video.reformatter import VideoReformatter
+
+        rgb = VideoReformatter()
         try:
             with av.open(str(self.path)) as c:
                 s = c.streams.video[0]
-                s.thread_type = "AUTO"
                 for i, frame in enumerate(c.decode(s)):
                     if i in keep:
-                        got[i] = frame.to_ndarray(format="rgb24")
+                        got[i] = rgb.reformat(frame, format="rgb24").to_ndarray()
                     if i >= max(want):
                         break
         except Exception as err:
