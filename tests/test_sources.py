@@ -432,6 +432,9 @@ def test_digits_source_first_and_modalities():
     assert "not applied" in ds.info.extra["transforms"]
     ref = D.load_dataset("digits", "test")
     assert torch.equal(ds[3]["inputs"]["audio"], ref.inputs["audio"][3])
+    assert ds.inputs["audio"].shape == (4, 2048) and ds.class_names[0] == "zero"  # delegated
+    loader = DataLoader(ds, batch_size=3, num_workers=2, collate_fn=D.collate)
+    assert torch.equal(torch.cat([b.ids for b in loader]), ref.ids[:4])
 
 
 # ------------------------------------------------------------------------------ no decoders
