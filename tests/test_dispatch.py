@@ -68,12 +68,13 @@ def test_a_name_this_op_lacks_means_its_fast_path(monkeypatch, fake_op):
 def test_head_ce_with_backend_cuda_on_cpu_tensors_uses_its_automatic_choice(monkeypatch):
     """The same rule on a real op: ADVCAL_BACKEND=cuda leaves head_ce to its automatic choice,
     which for CPU tensors is the fused CPU path (float32/bfloat16; the reference otherwise)."""
-    e = torch.randn(3, 8)
-    c = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    y = torch.tensor([0, 1, 3])
+    e = torch.randn(4096, 64)  # 4096 x 1024 x 64 multiply-adds: above CPU_MIN_MACS
+    c = torch.nn.functional.normalize(torch.randn(1024, 64), dim=-1)
+    y = torch.randint(0, 1024, (4096,))
     monkeypatch.setenv(_dispatch.BACKEND_ENV, "cuda")
     assert _dispatch.select("head_ce", e, None, None, c, y, 0.1).name == "cpu"
     assert _dispatch.select("head_ce", e.half(), None, None, c.half(), y, 0.1).name == "ref"
+    assert _dispatch.select("head_ce", e[:3], None, None, c, y[:3], 0.1).name == "ref"  # small
 
 
 def test_chosen_by_device_judges_fused_ops_by_device(monkeypatch):

@@ -224,11 +224,41 @@ def test_compile_fullgraph():
         assert_close_to_ref(got.grad, want.grad)
 
 
+def test_compile_fullgraph_public_cpu_path(monkeypatch):
+    """The CPU path (backend ``cpu``: an autograd.Function over the ops; forced, since this
+    shape is below CPU_MIN_MACS) compiles with fullgraph, gradients for e, W, b through all
+    three entry points."""
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "cpu")
+    e, w, b, c, y = make_inputs(7, 33, 10, torch.float32)
+
+    def step(e, w, b, fns):
+        ce, logits, cos = fns
+        return (
+            ce(e, w, b, c, y, TAU)
+            + logits(e, w, b, c, TAU).square().mean()
+            - cos(e, w, b, c, y).mean()
+        )
+
+    public = (ops.head_ce, ops.head_logits, ops.head_target_cos)
+    refs = (ops.head_ce_ref, ops.head_logits_ref, ops.head_target_cos_ref)
+    assert _dispatch.select("head_ce", e, w, b, c, y, TAU).name == "cpu"
+    compiled = torch.compile(lambda e, w, b: step(e, w, b, public), fullgraph=True)
+    leaves = [t.clone().requires_grad_(True) for t in (e, w, b)]
+    out = compiled(*leaves)
+    out.backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (e, w, b)]
+    ref = step(*ref_leaves, refs)
+    ref.backward()
+    assert_close_to_ref(out, ref)
+    for got, want in zip(leaves, ref_leaves, strict=True):
+        assert_close_to_ref(got.grad, want.grad)
+
+
 # ------------------------------------------------------------------------------ dispatcher
 
 
 def test_dispatch_cpu_uses_the_fused_cpu_kernels_and_forced_triton_says_why(monkeypatch):
-    e, w, b, c, y = make_inputs(7, 33, 10, torch.float32)
+    e, w, b, c, y = make_inputs(128, 256, 10, torch.float32)  # the demo's: above CPU_MIN_MACS
     monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
     for op in ("head_ce", "head_logits", "head_target_cos"):
         assert op in _dispatch.describe()
@@ -236,6 +266,13 @@ def test_dispatch_cpu_uses_the_fused_cpu_kernels_and_forced_triton_says_why(monk
         assert _dispatch.chosen_by_device("cpu")[op] == "cpu"
     assert _dispatch.select("head_ce", e, w, b, c, y, TAU).name == "cpu"
     assert_close_to_ref(ops.head_ce(e, w, b, c, y, TAU), ops.head_ce_ref(e, w, b, c, y, TAU))
+    # below CPU_MIN_MACS the reference is the default (faster there), unless cpu is forced
+    small = make_inputs(64, 128, 10, torch.float32)
+    assert HEAD._head_macs(small[0], small[1], small[3]) < HEAD.CPU_MIN_MACS
+    assert "CPU_MIN_MACS" in HEAD._why_not_head_cpu(*small, TAU)
+    assert _dispatch.select("head_ce", *small, TAU).name == "ref"
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "cpu")
+    assert _dispatch.select("head_ce", *small, TAU).name == "cpu"
     monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
     with pytest.raises(_dispatch.BackendUnavailableError, match="cpu"):
         ops.head_ce(e, w, b, c, y, TAU)
@@ -257,38 +294,72 @@ def test_dispatch_cpu_uses_the_fused_cpu_kernels_and_forced_triton_says_why(monk
 ONEDNN_SHAPES = [(257, 1024, 1000), (128, 256, 10)]
 
 
+def onednn_calls(fn) -> int:
+    """Runs ``fn`` under the profiler; how many oneDNN linears (mkldnn::_linear_pointwise) ran,
+    from the Python kernels or the C++ ones (both go through the dispatcher)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(ev.name == "mkldnn::_linear_pointwise" for ev in prof.events())
+
+
+def use_kernels(impl: str, monkeypatch, module=HEAD) -> None:
+    """``cpp``: the C++ CPU kernels (skip when advcal._C lacks them); ``python``: the twins."""
+    if impl == "cpp" and not module.cpp_kernels():
+        pytest.skip("advcal._C is not built with the C++ CPU kernels")
+    if impl == "python":
+        monkeypatch.setattr(module, "cpp_kernels", lambda: False)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "python"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("bsz", "d", "k"), ONEDNN_SHAPES)
 @pytest.mark.parametrize("fn", FNS)
-def test_public_api_on_cpu_vs_ref(fn, bsz, d, k, dtype, onednn, monkeypatch):
+def test_public_api_on_cpu_vs_ref(fn, bsz, d, k, dtype, onednn, impl, monkeypatch):
     """The default CPU path (backend ``cpu``), forward and gradients for e, W, b, at the
-    benchmark's shapes, with torch.backends.mkldnn on (oneDNN GEMMs) and off (MKL)."""
+    benchmark's shapes, C++ kernels and their Python twins, with torch.backends.mkldnn on
+    (oneDNN GEMMs: seen in the profile) and off (none)."""
     monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
-    assert _dispatch.select("head_ce", *make_inputs(3, 8, 2, dtype), TAU).name == "cpu"
-    calls = count_onednn_calls(monkeypatch)
+    assert _dispatch.select("head_ce", *make_inputs(bsz, d, k, dtype), TAU).name == "cpu"
+    use_kernels(impl, monkeypatch)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
-    check(call_public, fn, bsz, d, k, dtype)
-    # never with torch.backends.mkldnn off; fp32 at these shapes: at least the projection
-    # (bf16 keeps the projection in bf16 like the reference; its fp32 logits GEMM may qualify)
+    calls = onednn_calls(lambda: check(call_public, fn, bsz, d, k, dtype))
+    # fp32 at these shapes: at least the projection; bf16 keeps the projection in bf16 like
+    # the reference (its fp32 logits GEMM may qualify)
     if not onednn:
-        assert calls[0] == 0, calls
+        assert calls == 0
     elif dtype == torch.float32:
-        assert calls[0] > 0, calls
+        assert calls > 0
 
 
-def count_onednn_calls(monkeypatch) -> list[int]:
-    """Wraps the oneDNN linear HEAD.linear_cpu calls; returns the (live) call count."""
-    real = HEAD._onednn_linear()
-    assert real is not None, "this torch has no oneDNN linear: the CPU tests assume it"
-    calls = [0]
-
-    def counted(*args):
-        calls[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(HEAD, "_onednn_linear", lambda: counted)
-    return calls
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d", "k"), [(7, 33, 10), (129, 1024, 1000)])
+@pytest.mark.parametrize("mode", [HEAD.MODE_CE, HEAD.MODE_LOGITS, HEAD.MODE_COS])
+def test_cpp_kernels_equal_their_python_twins(mode, bsz, d, k, dtype, residual):
+    """csrc/head_cpu.cpp makes the Python twins' ATen calls in the same order: bit-identical
+    forward and backward, every mode, the identity head and an eps-clamped row included."""
+    if not HEAD.cpp_kernels():
+        pytest.skip("advcal._C is not built with the C++ CPU kernels")
+    e, w, b, c, y = make_inputs(bsz, d, k, dtype, residual=residual)
+    e[1] = e[1] / e[1].float().norm() * 1e-13  # below eps: the clamped branch
+    labels = None if mode == HEAD.MODE_LOGITS else y
+    heads = [(w, b), (None, b), (None, None)]
+    for weight, bias in heads:
+        args = (e, weight, bias, c, labels, TAU, residual, mode, mode == HEAD.MODE_CE)
+        got = torch.ops.advcal.head_fwd_cpu(*args)
+        want = HEAD._head_fwd_py(*args)
+        for g_, w_ in zip(got, want, strict=True):
+            assert torch.equal(g_, w_)
+        out, z, pc = want
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        bargs = (grad, z, pc, c, labels, e, weight, bias, TAU, residual, mode, True, True, True)
+        for g_, w_ in zip(
+            torch.ops.advcal.head_bwd_cpu(*bargs), HEAD._head_bwd_py(*bargs), strict=True
+        ):
+            assert torch.equal(g_, w_)
 
 
 @pytest.mark.parametrize("fn", FNS)

@@ -89,21 +89,64 @@ def test_grads_vs_ref(bsz, d, dtype, symmetric):
     check(NCE._infonce_op, bsz, d, dtype, symmetric)
 
 
+@pytest.mark.parametrize("impl", ["cpp", "python"])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("bsz", "d"), [(256, 1024), (128, 256)])
-def test_public_api_on_cpu_vs_ref(bsz, d, dtype, symmetric, onednn, monkeypatch):
+def test_public_api_on_cpu_vs_ref(bsz, d, dtype, symmetric, onednn, impl, monkeypatch):
     """The default CPU path (backend ``cpu``) at the benchmark's shapes, both input
-    gradients, with torch.backends.mkldnn on (oneDNN GEMMs) and off (MKL)."""
-    from test_head_ce import count_onednn_calls
+    gradients, C++ kernels and their Python twins, with torch.backends.mkldnn on (oneDNN
+    GEMMs: S = a c^T and dS c are fp32, seen in the profile) and off (none)."""
+    from test_head_ce import onednn_calls, use_kernels
 
     monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
-    assert _dispatch.select("infonce", *make_inputs(3, 8, dtype), TAU).name == "cpu"
-    calls = count_onednn_calls(monkeypatch)
+    assert _dispatch.select("infonce", *make_inputs(bsz, d, dtype), TAU).name == "cpu"
+    use_kernels(impl, monkeypatch, NCE)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
-    check(ops.infonce, bsz, d, dtype, symmetric)
-    assert (calls[0] > 0) == onednn, calls  # S = a c^T and dS c: fp32 (the CPU kernel upcasts)
+    calls = onednn_calls(lambda: check(ops.infonce, bsz, d, dtype, symmetric))
+    assert (calls > 0) == onednn, calls
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("bsz", "d"), [(9, 33), (256, 1024)])
+def test_cpp_kernels_equal_their_python_twins(bsz, d, dtype, symmetric):
+    """csrc/head_cpu.cpp makes the Python twins' ATen calls in the same order: bit-identical
+    forward and backward (both input gradients), an eps-clamped row included."""
+    if not NCE.cpp_kernels():
+        pytest.skip("advcal._C is not built with the C++ CPU kernels")
+    a, c = make_inputs(bsz, d, dtype)
+    a[2] = a[2] / a[2].float().norm() * 1e-13  # below eps: the clamped branch
+    got = torch.ops.advcal.infonce_fwd_cpu(a, c, TAU, symmetric)
+    want = NCE._infonce_fwd_py(a, c, TAU, symmetric)
+    for g_, w_ in zip(got, want, strict=True):
+        assert torch.equal(g_, w_)
+    s = want[5].clone()
+    bargs = (torch.tensor(1.3), a, c, *want[1:], TAU, symmetric, True, True)
+    got = torch.ops.advcal.infonce_bwd_cpu(*bargs)
+    for g_, w_ in zip(got, NCE._infonce_bwd_py(*bargs), strict=True):
+        assert torch.equal(g_, w_)
+    assert torch.equal(want[5], s)  # S not modified by either backward
+    # an empty S is recomputed (the custom op's backward): the same gradients
+    recomputed = (*bargs[:7], a.new_empty(0), *bargs[8:])
+    for impl in (torch.ops.advcal.infonce_bwd_cpu, NCE._infonce_bwd_py):
+        for g_, w_ in zip(impl(*recomputed), got, strict=True):
+            assert torch.equal(g_, w_)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_retained_graph_backward_twice(symmetric, monkeypatch):
+    """The eager CPU path saves S for the backward and must not modify it: a second backward
+    of a retained graph gives the same gradients."""
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "cpu")
+    a, c = make_inputs(65, 64, torch.float32)
+    la, lc = a.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    loss = ops.infonce(la, lc, TAU, symmetric=symmetric)
+    first = torch.autograd.grad(loss, (la, lc), retain_graph=True)
+    second = torch.autograd.grad(loss, (la, lc))
+    for f, s in zip(first, second, strict=True):
+        assert torch.equal(f, s)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -166,12 +209,36 @@ def test_compile_fullgraph():
     assert_close_to_ref(la.grad, lr.grad)
 
 
-def test_dispatch_and_errors(monkeypatch):
+def test_compile_fullgraph_public_cpu_path(monkeypatch):
+    """The CPU path (an autograd.Function over the ops; forced: this shape is below
+    CPU_MIN_MACS) compiles with fullgraph."""
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "cpu")
     a, c = make_inputs(7, 33, torch.float32)
+    assert _dispatch.select("infonce", a, c, TAU).name == "cpu"
+    f = torch.compile(lambda a, c: ops.infonce(a, c, TAU, symmetric=True), fullgraph=True)
+    la, lc = a.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    out = f(la, lc)
+    out.backward()
+    ra, rc = a.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    ref = ops.infonce_ref(ra, rc, TAU, symmetric=True)
+    ref.backward()
+    assert_close_to_ref(out, ref)
+    assert_close_to_ref(la.grad, ra.grad)
+    assert_close_to_ref(lc.grad, rc.grad)
+
+
+def test_dispatch_and_errors(monkeypatch):
+    a, c = make_inputs(128, 256, torch.float32)  # above CPU_MIN_MACS (B^2 D = 4.2M)
     monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
     assert set(_dispatch.describe()["infonce"]) == {"triton", "cpu", "ref"}
     assert _dispatch.chosen_by_device("cpu")["infonce"] == "cpu"
     assert _dispatch.select("infonce", a, c, TAU).name == "cpu"
+    small = make_inputs(64, 128, torch.float32)  # 0.5M: the reference, unless forced
+    assert "CPU_MIN_MACS" in NCE._why_not_infonce_cpu(*small, TAU)
+    assert _dispatch.select("infonce", *small, TAU).name == "ref"
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "cpu")
+    assert _dispatch.select("infonce", *small, TAU).name == "cpu"
+    monkeypatch.delenv(_dispatch.BACKEND_ENV)
     assert _dispatch.select("infonce", a.half(), c.half(), TAU).name == "ref"
     assert _dispatch.select("infonce", a, c.bfloat16(), TAU).name == "ref"  # mixed dtypes
     assert_close_to_ref(ops.infonce(a, c, TAU), ops.infonce_ref(a, c, TAU))

@@ -33,6 +33,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from advcal import _ext
 from advcal.ops import _dispatch
 
 NORM_EPS = 1e-12
@@ -246,10 +247,38 @@ def cpu_on_device(device: str) -> str | None:
     return None if device == "cpu" else f"takes CPU tensors, not {device}"
 
 
+# Below this many forward multiply-adds the reference is the faster CPU path: its backward runs
+# in autograd's C++ engine, ours pays a Python autograd.Function per call. Measured on the
+# 2-core machine (CPU time, 1 thread, fp32, paired rounds), fused / reference: head_ce
+# (B, D, K) = (2, 8, 3) 0.78x, (32, 64, 10) 0.82x, (64, 128, 10) 1.1M MACs 0.90x, (128, 256,
+# 10) 8.7M 1.22x, (256, 1024, 1000) 2.0x; infonce (B, D) = (64, 128) 0.5M 0.92x, (128, 256)
+# 4.2M 1.24x. A size preference, not a capability: ADVCAL_BACKEND=cpu runs any size.
+CPU_MIN_MACS = 1 << 22
+
+
+def cpu_small(macs: int) -> str | None:
+    """Why the fused CPU path is not the default for a problem of ``macs`` multiply-adds."""
+    if macs >= CPU_MIN_MACS or _dispatch.forced_backend() == "cpu":
+        return None
+    return (
+        f"{macs} multiply-adds < CPU_MIN_MACS={CPU_MIN_MACS}: the reference is faster at this "
+        "size (per-call overhead)"
+    )
+
+
+def _head_macs(e, weight, centers) -> int:
+    """Forward multiply-adds: the projection and the logits."""
+    bsz, din = e.shape
+    proj = 0 if weight is None else bsz * din * weight.shape[0]
+    return proj + bsz * centers.shape[0] * centers.shape[1]
+
+
 def _why_not_head_cpu(e, weight, bias, centers, *args, **kwargs) -> str | None:
     if centers.requires_grad:
         return "centers.requires_grad (the fused op treats the centers as fixed: no gradient)"
-    return cpu_why_not({"e": e, "weight": weight, "bias": bias, "centers": centers})
+    return cpu_why_not({"e": e, "weight": weight, "bias": bias, "centers": centers}) or cpu_small(
+        _head_macs(e, weight, centers)
+    )
 
 
 _why_not_head_cpu.general = lambda: None  # type: ignore[attr-defined]
@@ -302,7 +331,7 @@ def _row_normalize_bwd(z: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> tor
     nrm = torch.linalg.vector_norm(z, dim=1)
     rn = nrm.clamp_min(NORM_EPS).reciprocal_()
     a = s * rn
-    b = torch.where(nrm >= NORM_EPS, torch.linalg.vecdot(z, v) * a * rn * rn, 0.0)
+    b = torch.linalg.vecdot(z, v).mul_(a * rn * rn).masked_fill_(nrm < NORM_EPS, 0.0)
     return (v * a[:, None]).addcmul_(z, b[:, None], value=-1.0)
 
 
@@ -319,6 +348,28 @@ def _project_cpu(e, weight, bias, residual) -> torch.Tensor:
     else:  # fp32, or mixed dtypes: everything in fp32
         z = linear_cpu(e.to(f32), weight.to(f32), None if bias is None else bias.to(f32))
     return z.add_(e) if residual else z
+
+
+def cpp_kernels() -> bool:
+    """Whether advcal._C has the C++ CPU kernels (csrc/head_cpu.cpp); tests patch this to run
+    the Python twins."""
+    return _ext.has_kernel("head_fwd_cpu", "CPU")
+
+
+def _head_fwd_cpu(e, weight, bias, centers, labels, tau, residual, mode, with_pc):
+    """The CPU kernel of ``advcal::head_fwd``: C++ (``advcal::head_fwd_cpu``: the ATen calls
+    without Python's per-call cost) when the extension is built, else :func:`_head_fwd_py`;
+    the two are the same calls in the same order (bit-identical, tested)."""
+    fn = torch.ops.advcal.head_fwd_cpu if cpp_kernels() else _head_fwd_py
+    return fn(e, weight, bias, centers, labels, tau, residual, mode, with_pc)
+
+
+def _head_bwd_cpu(grad, z, pc, centers, labels, e, weight, bias, tau, residual, mode,
+                  need_e, need_w, need_b):  # fmt: skip
+    """The CPU kernel of ``advcal::head_bwd`` (C++ or :func:`_head_bwd_py`, as above)."""
+    fn = torch.ops.advcal.head_bwd_cpu if cpp_kernels() else _head_bwd_py
+    return fn(grad, z, pc, centers, labels, e, weight, bias, tau, residual, mode,
+              need_e, need_w, need_b)  # fmt: skip
 
 
 # ------------------------------------------------------------------------- custom ops
@@ -350,10 +401,12 @@ def head_fwd(
     return _head_fwd_cpu(e, weight, bias, centers, labels, tau, residual, mode, with_pc)
 
 
-def _head_fwd_cpu(e, weight, bias, centers, labels, tau, residual, mode, with_pc):
-    """The CPU kernel of ``advcal::head_fwd``: fp32 math, the norm folded into per-row factors
-    (``logits = (z C^T) (1 / (|z| tau))`` row by row, ``u`` never formed), one log-sum-exp pass,
-    and the softmax turned in place into ``P - onehot(y)`` so that ``pc`` is one GEMM."""
+def _head_fwd_py(e, weight, bias, centers, labels, tau, residual, mode, with_pc):
+    """The CPU kernel of ``advcal::head_fwd`` in Python (csrc/head_cpu.cpp is the same in
+    C++): fp32 math, the norm folded into per-row factors (``logits = (z C^T) (1 / (|z| tau))``
+    row by row, ``u`` never formed), and the softmax turned in place into ``P - onehot(y)`` so
+    that ``pc`` is one GEMM. Few ATen calls: at the demo's (128, 256, 10) each costs about what
+    its arithmetic does."""
     f32 = torch.float32
     z = _project_cpu(e, weight, bias, residual)
     c = centers.to(f32)
@@ -366,12 +419,10 @@ def _head_fwd_cpu(e, weight, bias, centers, labels, tau, residual, mode, with_pc
     if mode == MODE_LOGITS:
         return logits, z, empty
     y = labels.long()
-    lse = torch.logsumexp(logits, 1)
-    loss = lse - logits.gather(1, y[:, None]).squeeze(1)
+    loss = F.cross_entropy(logits, y, reduction="none")  # one fused log-softmax + gather
     if not with_pc:
         return loss, z, empty
-    p = logits.sub_(lse[:, None]).exp_()  # softmax, in place (the logits are not returned)
-    p[torch.arange(p.shape[0], device=p.device), y] -= 1.0
+    p = torch.softmax(logits, 1).scatter_(1, y[:, None], -1.0, reduce="add")  # P - onehot(y)
     return loss, z, linear_cpu(p, c.t())
 
 
@@ -452,9 +503,16 @@ def head_bwd(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(de, dW, db)`` (empty where not needed) from the output's gradient ``grad`` (``(B,)``
-    for CE/COS, ``(B, K)`` for LOGITS). This body is the CPU kernel: ``dz`` from
-    :func:`_row_normalize_bwd` (``du = pc grad / tau``, ``grad C / tau`` or ``c_y grad``), then
-    the weight gradients' GEMMs (:func:`_weight_grads`)."""
+    for CE/COS, ``(B, K)`` for LOGITS). This body is the CPU kernel (:func:`_head_bwd_cpu`)."""
+    return _head_bwd_cpu(grad, z, pc, centers, labels, e, weight, bias, tau, residual, mode,
+                         need_e, need_w, need_b)  # fmt: skip
+
+
+def _head_bwd_py(grad, z, pc, centers, labels, e, weight, bias, tau, residual, mode,
+                 need_e, need_w, need_b):  # fmt: skip
+    """The CPU kernel of ``advcal::head_bwd`` in Python (csrc/head_cpu.cpp is the same in C++):
+    ``dz`` from :func:`_row_normalize_bwd` (``du = pc grad / tau``, ``grad C / tau`` or
+    ``c_y grad``), then the weight gradients' GEMMs (:func:`_weight_grads`)."""
     f32 = torch.float32
     c = centers.to(f32)
     g = grad.to(f32)
@@ -532,6 +590,52 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+class _HeadOps(torch.autograd.Function):
+    """The CPU path's autograd: the ``advcal::head_fwd`` / ``head_bwd`` ops wired as the custom
+    op's ``register_autograd`` wires them, in a plain autograd.Function. In eager code it calls
+    the ops' CPU kernels (:func:`_head_fwd_cpu`, :func:`_head_bwd_cpu`) directly: the custom-op
+    machinery around them (generated autograd with argument pytrees and default filling,
+    aliasing checks, a dynamo-disabled wrapper) cost ~110 us per forward+backward with these
+    nine arguments, measured at (B, D, K) = (2, 8, 3) on the 2-core machine (the reference's
+    whole step there: 90 us). Under torch.compile it calls the ops (traced through their
+    fakes), so the graph holds ``advcal::head_fwd`` / ``head_bwd`` as on GPU."""
+
+    @staticmethod
+    def forward(ctx, e, weight, bias, centers, labels, tau, residual, mode):
+        with_pc = mode == MODE_CE and any(ctx.needs_input_grad[:3])
+        fwd = torch.ops.advcal.head_fwd if torch.compiler.is_compiling() else _head_fwd_cpu
+        out, z, pc = fwd(e, weight, bias, centers, labels, tau, residual, mode, with_pc)
+        ctx.save_for_backward(e, weight, bias, centers, labels, z, pc)
+        ctx.tau, ctx.residual, ctx.mode = tau, residual, mode
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        e, weight, bias, centers, labels, z, pc = ctx.saved_tensors
+        need_e, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w, need_b = need_w and weight is not None, need_b and bias is not None
+        bwd = torch.ops.advcal.head_bwd if torch.compiler.is_compiling() else _head_bwd_cpu
+        de, dw, db = bwd(grad_out, z, pc, centers, labels, e, weight, bias, ctx.tau,
+                         ctx.residual, ctx.mode, need_e, need_w, need_b)  # fmt: skip
+        return (de if need_e else None, dw if need_w else None, db if need_b else None,
+                None, None, None, None, None)  # fmt: skip
+
+
+def _head_ce_cpu(e, weight, bias, centers, labels, tau, *, residual=True, reduction="mean"):
+    rows = _HeadOps.apply(e, weight, bias, centers, labels, float(tau), residual, MODE_CE)
+    if reduction == "mean":
+        return rows.mean()
+    return rows.sum() if reduction == "sum" else rows
+
+
+def _head_logits_cpu(e, weight, bias, centers, tau, *, residual=True):
+    return _HeadOps.apply(e, weight, bias, centers, None, float(tau), residual, MODE_LOGITS)
+
+
+def _head_target_cos_cpu(e, weight, bias, centers, labels, *, residual=True):
+    return _HeadOps.apply(e, weight, bias, centers, labels, 1.0, residual, MODE_COS)
+
+
 # ------------------------------------------------------------- Triton-backed entry points
 
 
@@ -559,20 +663,20 @@ def _head_target_cos_op(e, weight, bias, centers, labels, *, residual=True):
     return cos
 
 
-# triton and cpu are the same custom ops (CUDA / CPU kernels); the reference is last
+# triton and cpu run the same custom ops (CUDA / CPU kernels; on CPU wired by _HeadOps)
 _dispatch.register(
     "head_ce", [_dispatch.Backend("triton", _head_ce_op, _why_not_head),
-                _dispatch.Backend("cpu", _head_ce_op, _why_not_head_cpu),
+                _dispatch.Backend("cpu", _head_ce_cpu, _why_not_head_cpu),
                 _dispatch.Backend("ref", head_ce_ref, _always)],
 )  # fmt: skip
 _dispatch.register(
     "head_logits", [_dispatch.Backend("triton", _head_logits_op, _why_not_head),
-                    _dispatch.Backend("cpu", _head_logits_op, _why_not_head_cpu),
+                    _dispatch.Backend("cpu", _head_logits_cpu, _why_not_head_cpu),
                     _dispatch.Backend("ref", head_logits_ref, _always)],
 )  # fmt: skip
 _dispatch.register(
     "head_target_cos", [_dispatch.Backend("triton", _head_target_cos_op, _why_not_head),
-                        _dispatch.Backend("cpu", _head_target_cos_op, _why_not_head_cpu),
+                        _dispatch.Backend("cpu", _head_target_cos_cpu, _why_not_head_cpu),
                         _dispatch.Backend("ref", head_target_cos_ref, _always)],
 )  # fmt: skip
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from advcal import _ext
 from advcal.ops import _dispatch
 from advcal.ops.head_ce import (
     _row_normalize_bwd,
     cpu_on_device,
+    cpu_small,
     cpu_why_not,
     linear_cpu,
     triton_general,
@@ -87,15 +89,49 @@ def infonce_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss (), 1/|a| (B,), 1/|c| (B,), lse_row (B,), lse_col (B,) or empty)``, fp32.
 
-    This body is the CPU kernel (it materialises S, once: the tiling is the GPU's)."""
+    This body is the CPU kernel (:func:`_infonce_fwd_cpu`, without S)."""
+    return _infonce_fwd_cpu(z_adv, z_clean, tau, symmetric)[:5]
+
+
+def cpp_kernels() -> bool:
+    """Whether advcal._C has the C++ CPU kernels (csrc/head_cpu.cpp); tests patch this to run
+    the Python twins."""
+    return _ext.has_kernel("infonce_fwd_cpu", "CPU")
+
+
+def _infonce_fwd_cpu(z_adv, z_clean, tau, symmetric):
+    """The CPU kernel of ``advcal::infonce_fwd`` plus S (B, B) fp32, which the eager CPU path
+    saves for the backward (recomputing it costs one more B x B x D GEMM: 0.95x eager at
+    (128, 256), measured): C++ (``advcal::infonce_fwd_cpu``) when the extension is built, else
+    :func:`_infonce_fwd_py` (the same calls, bit-identical)."""
+    fn = torch.ops.advcal.infonce_fwd_cpu if cpp_kernels() else _infonce_fwd_py
+    return fn(z_adv, z_clean, tau, symmetric)
+
+
+def _infonce_bwd_cpu(grad, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, s, tau, symmetric,
+                     need_adv, need_clean):  # fmt: skip
+    """The CPU kernel of ``advcal::infonce_bwd`` given the forward's S (an empty tensor:
+    recomputed), C++ or :func:`_infonce_bwd_py` as above."""
+    fn = torch.ops.advcal.infonce_bwd_cpu if cpp_kernels() else _infonce_bwd_py
+    return fn(grad, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, s, tau, symmetric,
+              need_adv, need_clean)  # fmt: skip
+
+
+def _infonce_fwd_py(z_adv, z_clean, tau, symmetric):
+    """The CPU kernel of ``advcal::infonce_fwd`` in Python (csrc/head_cpu.cpp is the same in
+    C++); it materialises S, once (the tiling is the GPU's)."""
     a, c = z_adv.float(), z_clean.float()
     rn_a = torch.linalg.vector_norm(a, dim=1).clamp_min_(NORM_EPS).reciprocal_()
     rn_c = torch.linalg.vector_norm(c, dim=1).clamp_min_(NORM_EPS).reciprocal_()
     s = _similarity(a, c, rn_a, rn_c, tau)
-    cos = s.diagonal() * tau
+    cos_tau = s.diagonal()  # cos / tau
     lse_r = s.logsumexp(-1)
-    lse_c = s.logsumexp(0) if symmetric else a.new_empty(0)
-    return _loss(cos, lse_r, lse_c if symmetric else None, tau), rn_a, rn_c, lse_r, lse_c
+    loss = (lse_r - cos_tau).mean()
+    lse_c = a.new_empty(0)
+    if symmetric:
+        lse_c = s.logsumexp(0)
+        loss = (loss + (lse_c - cos_tau).mean()).mul_(0.5)
+    return loss, rn_a, rn_c, lse_r, lse_c, s
 
 
 def _similarity(a, c, rn_a, rn_c, tau) -> torch.Tensor:
@@ -143,19 +179,27 @@ def infonce_bwd(
     need_adv: bool,
     need_clean: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d z_adv, d z_clean)`` in the inputs' dtypes (empty where not needed). CPU kernel:
-    ``dS = g (w_r (P - I) + w_c (Q - I))``, P/Q the row/column softmaxes of S (recomputed:
-    the op saves only the per-row statistics), ``d a = normalize_bwd(dS c_n / tau)``,
-    ``c_n = c rn_c`` folded into dS's columns."""
+    """``(d z_adv, d z_clean)`` in the inputs' dtypes (empty where not needed). This body is
+    the CPU kernel (:func:`_infonce_bwd_cpu`, recomputing S: the op's forward keeps only the
+    per-row statistics, as the tiled GPU kernels do)."""
+    return _infonce_bwd_cpu(grad, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, z_adv.new_empty(0),
+                            tau, symmetric, need_adv, need_clean)  # fmt: skip
+
+
+def _infonce_bwd_py(grad, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, s, tau, symmetric,
+                    need_adv, need_clean):  # fmt: skip
+    """The CPU kernel of ``advcal::infonce_bwd`` in Python (C++ twin in csrc/head_cpu.cpp):
+    ``dS = g (w_r (P - I) + w_c (Q - I))``, P/Q the row/column softmaxes of S (the forward's,
+    or recomputed when ``s`` is empty; never modified: a retained graph may run this again),
+    ``d a = normalize_bwd(dS c_n / tau)``, ``c_n = c rn_c`` folded into dS's columns."""
     a, c = z_adv.float(), z_clean.float()
-    s = _similarity(a, c, rn_a, rn_c, tau)
+    saved = s.numel() > 0
+    s = s if saved else _similarity(a, c, rn_a, rn_c, tau)
     w_r, w_c = _weights(a.shape[0], symmetric)
     g = grad.float()
+    ds = (s - lse_r[:, None]).exp_().mul_(w_r * g)
     if symmetric:
-        ds = (s - lse_r[:, None]).exp_().mul_(w_r * g)
-        ds.add_((s.sub_(lse_c[None, :])).exp_().mul_(w_c * g))
-    else:
-        ds = s.sub_(lse_r[:, None]).exp_().mul_(w_r * g)
+        ds.add_(((s - lse_c[None, :]) if saved else s.sub_(lse_c[None, :])).exp_().mul_(w_c * g))
     ds.diagonal().sub_((w_r + w_c) * g)
     inv_tau = a.new_full((a.shape[0],), 1.0 / tau)
     da, dc = a.new_empty(0), a.new_empty(0)  # distinct: outputs may not alias
@@ -215,6 +259,43 @@ infonce_fwd.register_autograd(_infonce_backward, setup_context=_infonce_setup_co
 # ------------------------------------------------------------------------- dispatch + API
 
 
+class _InfoNCEOps(torch.autograd.Function):
+    """The CPU path's autograd, as :class:`advcal.ops.head_ce._HeadOps`: in eager code the
+    ops' CPU kernels called directly (no custom-op machinery per call), S saved for the
+    backward; under torch.compile the ops (S recomputed in their backward)."""
+
+    @staticmethod
+    def forward(ctx, z_adv, z_clean, tau, symmetric):
+        if torch.compiler.is_compiling():
+            loss, rn_a, rn_c, lse_r, lse_c = torch.ops.advcal.infonce_fwd(
+                z_adv, z_clean, tau, symmetric
+            )
+            s = None
+        else:
+            loss, rn_a, rn_c, lse_r, lse_c, s = _infonce_fwd_cpu(z_adv, z_clean, tau, symmetric)
+        ctx.save_for_backward(z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, s)
+        ctx.tau, ctx.symmetric = tau, symmetric
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, s = ctx.saved_tensors
+        need_adv, need_clean = ctx.needs_input_grad[:2]
+        args = (ctx.tau, ctx.symmetric, need_adv, need_clean)
+        if s is None:
+            da, dc = torch.ops.advcal.infonce_bwd(
+                grad_loss, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, *args
+            )
+        else:
+            da, dc = _infonce_bwd_cpu(grad_loss, z_adv, z_clean, rn_a, rn_c, lse_r, lse_c, s,
+                                      *args)  # fmt: skip
+        return (da if need_adv else None, dc if need_clean else None, None, None)
+
+
+def _infonce_cpu(z_adv, z_clean, tau, *, symmetric=False):
+    return _InfoNCEOps.apply(z_adv, z_clean, float(tau), symmetric)
+
+
 def _infonce_op(z_adv, z_clean, tau, *, symmetric=False):
     return torch.ops.advcal.infonce_fwd(z_adv, z_clean, float(tau), symmetric)[0]
 
@@ -228,7 +309,8 @@ _why_not_infonce.device = triton_on_device  # type: ignore[attr-defined]
 
 
 def _why_not_infonce_cpu(z_adv, z_clean, *args, **kwargs) -> str | None:
-    return cpu_why_not({"z_adv": z_adv, "z_clean": z_clean})
+    bsz, d = z_adv.shape
+    return cpu_why_not({"z_adv": z_adv, "z_clean": z_clean}) or cpu_small(bsz * bsz * d)
 
 
 _why_not_infonce_cpu.general = lambda: None  # type: ignore[attr-defined]
@@ -239,10 +321,10 @@ def _always(*args, **kwargs) -> str | None:
     return None
 
 
-# triton and cpu are the same custom ops (CUDA / CPU kernels); the reference is last
+# triton and cpu run the same custom ops (CUDA / CPU kernels; on CPU wired by _InfoNCEOps)
 _dispatch.register(
     "infonce", [_dispatch.Backend("triton", _infonce_op, _why_not_infonce),
-                _dispatch.Backend("cpu", _infonce_op, _why_not_infonce_cpu),
+                _dispatch.Backend("cpu", _infonce_cpu, _why_not_infonce_cpu),
                 _dispatch.Backend("ref", infonce_ref, _always)],
 )  # fmt: skip
 
