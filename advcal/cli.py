@@ -26,12 +26,12 @@ def _demo_config(quick: bool):
                 "train_limit": 256,
                 "test_limit": 96,
                 "calib": {"epochs": 1, "attack_steps": 3},
-                "eval": {
-                    "steps": 5,
-                    "restarts": 1,
-                    "alpha_ratio": 0.5,
-                    "sweep_steps": 3,
-                    "weak_steps": 3,
+                "eval": {  # 5-step APGD, 3-step sweep and masking checks, no legacy suite
+                    "suite": ["apgd-ce:5"],
+                    "compare": [],
+                    "sweep_suite": ["pgd:3"],
+                    "weak": ["pgd:3", "crossmaxim:3"],
+                    "retrieval_steps": 5,
                 },
             }
         )

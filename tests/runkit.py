@@ -90,5 +90,15 @@ def assert_same_heads(a: Path, b: Path) -> None:
         assert torch.equal(ta[k], tb[k]), f"{k} differs: max {(ta[k] - tb[k]).abs().max()}"
 
 
+def without_timings(d):
+    """A report or evaluation without its wall-clock timings (``seconds*`` keys): what a
+    rerun must reproduce exactly."""
+    if isinstance(d, dict):
+        return {k: without_timings(v) for k, v in d.items() if not str(k).startswith("seconds")}
+    if isinstance(d, list):
+        return [without_timings(v) for v in d]
+    return d
+
+
 def env(cache_dir: Path) -> dict[str, str]:
     return {**os.environ, "ADVCAL_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}

@@ -126,7 +126,7 @@ def test_advcal_configs_use_it_and_keep_their_own_checks():
         Objective(tau=math.nan)
     with pytest.raises(ConfigError, match=r"InputSpec.norm must be one of 'linf', 'l2'"):
         InputSpec((3,), norm="l1")
-    assert EvalConfig(restarts=[1, 2]).restarts == (1, 2)
+    assert EvalConfig(sweep=[1, 2]).sweep == (1.0, 2.0)  # a list of ints: a tuple of floats
     assert InputSpec([3, 4], 0, 1, 1).shape == (3, 4)
     assert CalibConfig(objective={"ce": 2}).objective == Objective(ce=2.0)
 
