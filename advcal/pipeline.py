@@ -29,7 +29,7 @@ from advcal.calibrate import CalibConfig, Calibrator
 from advcal.centers import Centers, for_classes, load_centers, split
 from advcal.data import MultiModalDataset, load_dataset
 from advcal.errors import ConfigError, FileFormatError
-from advcal.evaluate import EvalConfig, evaluate
+from advcal.evaluate import EvalConfig, EvalResult, evaluate
 from advcal.heads import CalibrationHeads
 
 
@@ -174,14 +174,17 @@ EVAL_BEFORE = "eval_before.json"
 HEADS = "heads.safetensors"
 
 
-def _read_eval_before(path: Path) -> dict:
-    before = runfolder.read_json(path, fix="delete it to recompute the frozen evaluation")
+def _read_eval_before(path: Path) -> EvalResult:
+    fix = "delete it to recompute the frozen evaluation"
+    before = runfolder.read_json(path, fix=fix)
     if not isinstance(before, dict) or not isinstance(before.get("modalities"), dict):
+        raise FileFormatError(f"{path} is not an advcal evaluation (no 'modalities' table); {fix}")
+    try:
+        return EvalResult.from_dict(before)
+    except (KeyError, TypeError) as err:  # written by another advcal version
         raise FileFormatError(
-            f"{path} is not an advcal evaluation (no 'modalities' table); delete it to "
-            "recompute the frozen evaluation"
-        )
-    return before
+            f"{path} is not an evaluation of this advcal version ({err}); {fix}"
+        ) from None
 
 
 def run(
@@ -266,7 +269,7 @@ def _run(
         )
         timings["eval_before"] = time.perf_counter() - t0
         if main:
-            runfolder.write_json(before_path, before)
+            runfolder.write_json(before_path, before.to_dict())
 
     calibrator = Calibrator(
         backbone, centers, modalities, cfg.calib, out_dir=folder.path, device=device

@@ -152,3 +152,41 @@ def test_tiny_pretrain_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert len(calls) == 1
     z = F.normalize(a.encode("audio", data.inputs["audio"][:3]), dim=-1)
     torch.testing.assert_close(z, F.normalize(b.encode("audio", data.inputs["audio"][:3]), dim=-1))
+
+
+@pytest.mark.parametrize("m", MODALITIES)
+def test_folded_batchnorm_computes_the_same_function(batch: dict, m: str) -> None:
+    """encode() runs a copy with BatchNorm folded into the layer before it: the same outputs
+    and input gradients as the registered (unfolded) encoder, to float rounding."""
+    torch.manual_seed(1)
+    model = MiniBind(TINY)
+    with torch.no_grad():  # non-trivial BN statistics, so a wrong fold would show
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.normal_(1, 0.3)
+                mod.bias.normal_(0, 0.3)
+    x = batch[m].clone()
+
+    def out_and_grad(f):
+        xx = x.clone().requires_grad_(True)
+        z = f(xx)
+        (g,) = torch.autograd.grad(z.square().sum(), xx)
+        return z.detach(), g
+
+    z_ref, g_ref = out_and_grad(model.encoders[m])
+    z, g = out_and_grad(lambda v: model.encode(m, v))
+    assert not any(
+        isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+        for mod in model._inference_encoder(m, x).modules()
+    )
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    # a weight change reaches encode(): load_state_dict drops the folded copies
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(k for k in state if k.startswith(f"encoders.{m}.") and k.endswith("weight"))
+    state[first] = state[first] * 2
+    model.load_state_dict(state)
+    z2, _ = out_and_grad(lambda v: model.encode(m, v))
+    assert not torch.allclose(z2, z)

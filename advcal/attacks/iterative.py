@@ -18,8 +18,10 @@ Two ways to end, by ``early_stop``:
 * ``early_stop=True`` (evaluation): every iterate is checked; a sample that is misclassified at
   any iterate is done — its rows leave the batch (exactly the same robust accuracy, for a
   fraction of the work when most samples break early) and that iterate is returned. A sample
-  never fooled returns its highest-loss iterate. Restarts (and target groups) run only on the
-  samples still unbroken, as AutoAttack runs its attacks.
+  never fooled returns its highest-loss iterate; one misclassified when clean is returned as
+  it is, unattacked. Restarts (and target groups) run only on the samples still unbroken, as
+  AutoAttack runs its attacks. (APGD checks every iterate this way with or without early
+  stopping; ``early_stop`` only decides whether broken samples keep running.)
 * ``early_stop=False`` (training, Madry-style): every sample runs every step and the final
   iterate is returned (for APGD: the best-loss iterate, or a fooling one); with several
   restarts the per-sample worst case (misclassified first, then the higher loss) is kept. This
@@ -93,9 +95,13 @@ class IterativeAttack(Attack):
         max_rows: cap on rows per forward pass (APGD-T: samples x targets).
         cuda_graph: capture the step in a CUDA graph (``early_stop=False`` and the constant
             schedule only: static shapes, no host syncs).
+        compile: run each model through ``torch.compile`` (dynamic batch size, compiled once
+            per input shape family, forward and backward); where compilation fails the attack
+            warns once and runs eagerly. Eager is the reference; tests run both.
     """
 
     name = "iterative"
+    skip_wrong_clean = True  # evaluation: samples misclassified when clean are not attacked
 
     def __init__(
         self,
@@ -119,6 +125,7 @@ class IterativeAttack(Attack):
         seed: int = 0,
         max_rows: int = 4096,
         cuda_graph: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__(model, eps=eps, norm=norm, spec=spec, seed=seed)
         for name, v, lo in (
@@ -155,6 +162,8 @@ class IterativeAttack(Attack):
         self.max_rows = max_rows
         self.auto_targets = 0  # APGDT: n_targets = min(auto_targets, K - 1) per model
         self.cuda_graph = bool(cuda_graph)
+        self.compile = bool(compile)
+        self._compiled: dict[str, nn.Module] = {}
         if self.cuda_graph and (
             self.early_stop or schedule != "constant" or n_targets or loss == "kl"
         ):
@@ -201,7 +210,7 @@ class IterativeAttack(Attack):
 
     def _evaluate(self, m: str, rows: _Rows, x: torch.Tensor, need_grad: bool):
         """``(logits or None, loss, grad or None)`` at ``x`` for ``rows``."""
-        model = self.targets[m].model
+        model = self._model(m)
         t, ref = getattr(rows, "t", None), getattr(rows, "ref", None)
         if not need_grad:
             with torch.no_grad():
@@ -209,7 +218,9 @@ class IterativeAttack(Attack):
                 return logits, self._loss(logits, rows.y, t, ref), None
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            fused = None if self.tracks_iterates else _fused_loss(model, self.loss_name)
+            fused = (
+                None if self.tracks_iterates or self.compile else _fused_loss(model, self.loss_name)
+            )
             if fused is not None:  # one op: head + normalise + CE / cos, no logits written
                 logits, loss = None, fused(x, rows.y)
             else:
@@ -218,6 +229,15 @@ class IterativeAttack(Attack):
             with nvtx_range("backward"):
                 (g,) = torch.autograd.grad(loss.sum(), x)
         return (None if logits is None else logits.detach()), loss.detach().float(), g
+
+    def _model(self, m: str) -> nn.Module:
+        """The model of modality ``m``: compiled once (``compile=True``), else as given."""
+        model = self.targets[m].model
+        if not self.compile:
+            return model
+        if m not in self._compiled:
+            self._compiled[m] = _compile(model, self.name)
+        return self._compiled[m]
 
     def _logits(self, out: torch.Tensor, rows: _Rows) -> torch.Tensor:
         """Logits from the model's output; a subclass may combine it with per-row state (the
@@ -243,6 +263,9 @@ class IterativeAttack(Attack):
         out = {m: x.clone() for m, x in x0.items()}
         fooled = {m: torch.zeros(n, dtype=torch.bool, device=device) for m in x0}
         out_loss = {m: torch.full((n,), -float("inf"), device=device) for m in x0}
+        if self.tracks_iterates and self.skip_wrong_clean:  # already wrong: nothing to attack
+            for m in self.targets:
+                fooled[m] = predict(self._model(m), x0[m]).argmax(1) != y
         ref = targets = None
         if self.loss_name == "kl":  # TRADES: the model's own clean prediction
             ref = {m: predict(t.model, x0[m]) for m, t in self.targets.items()}
@@ -594,10 +617,40 @@ class IterativeAttack(Attack):
             "early_stop": self.early_stop,
             "random_start": self.random_start,
             "cuda_graph": self.cuda_graph,
+            "compile": self.compile,
             "alpha": {m or "x": a for m, a in self.alphas.items()}
             if self.schedule == "constant"
             else "2 eps, halved at checkpoints",
         }
+
+
+class _CompiledOrEager(nn.Module):
+    """``torch.compile(model)``, falling back to the eager model (one warning, with the
+    reason) the first time compilation fails."""
+
+    def __init__(self, model: nn.Module, what: str) -> None:
+        super().__init__()
+        self.eager, self.what = model, what
+        self.compiled = torch.compile(model, dynamic=True)
+        self.failed: str | None = None
+
+    def forward(self, x):
+        if self.failed is None:
+            try:
+                return self.compiled(x)
+            except Exception as err:  # a backend without a compiler, an unsupported op
+                import warnings
+
+                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                warnings.warn(
+                    f"{self.what}: torch.compile failed ({self.failed}); running eagerly",
+                    stacklevel=2,
+                )
+        return self.eager(x)
+
+
+def _compile(model: nn.Module, what: str) -> nn.Module:
+    return _CompiledOrEager(model, what)
 
 
 def _fused_loss(model, loss_name: str):

@@ -36,6 +36,7 @@ class RankAttack(IterativeAttack):
 
     name = "rank"
     multi_modal = False
+    skip_wrong_clean = False  # the model gives embeddings; and the ranking matters past R@1
 
     def __init__(
         self,

