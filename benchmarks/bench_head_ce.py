@@ -17,10 +17,11 @@ and ``x_compile_default_bf16_autocast`` (>= 1.3), ``frac_matmul`` (>= 0.5 at B=4
 
 CPU (``--device cpu``, the default without a GPU): user code runs fp32 there, so the arms are
 ``eager_fp32`` (the reference, as a user writes it), ``compile_fp32`` (``torch.compile`` of the
-same function) and ``advcal_fp32[<backend>]`` (``advcal.ops.head_ce`` with its default
-dispatch), at the demo's (B, D, K) = (128, 256, 10) and ImageNet's (256, 1024, 1000), in
-interleaved rounds: the ``p_eager_fp32`` / ``p_compile_fp32`` columns are the per-round paired
-ratios (median [min-max], > 1: advcal faster). ``--grad e`` times the attack's case (gradient
+same function) and ``advcal_fp32`` (``advcal.ops.head_ce`` with its default dispatch; the
+backend it picked per case is ``params["advcal_backend"]`` in the JSON), at the demo's
+(B, D, K) = (128, 256, 10) and ImageNet's (256, 1024, 1000), in interleaved rounds: the
+``p_eager_fp32`` / ``p_compile_fp32`` columns are the per-round paired ratios (median
+[min-max], > 1: advcal faster). ``--grad e`` times the attack's case (gradient
 for the embedding only, the head frozen) instead of calibration's (e, W, b)::
 
     python benchmarks/bench_head_ce.py --device cpu --json benchmarks/results/head_ce_cpu.json
@@ -34,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -96,7 +98,11 @@ def make_phase(
 
         return fwd
     if phase == "bwd":
-        loss = loss_fn()
+        # a compiled graph's backward donates its saved buffers, so it cannot be replayed
+        # ("compiled with non-empty donated buffers"): off for the retained graph (it saves
+        # memory, not time); the forward here is where torch.compile traces
+        with functorch_config.patch(donated_buffer=False):
+            loss = loss_fn()
         return lambda: torch.autograd.grad(loss, params, retain_graph=True)
     return lambda: torch.autograd.grad(loss_fn(), params)
 
@@ -137,17 +143,17 @@ def arms(
     def advcal(dtype):
         def make(case):
             e, w, b, c, y = inputs(case, device, dtype, head_grads)
+            # the backend the default dispatch picks for this case (CPU: size-dependent)
+            case.params["advcal_backend"] = _dispatch.select("head_ce", e, w, b, c, y, TAU).name
             return make_phase(lambda: ops.head_ce(e, w, b, c, y, TAU), [e, w, b], phase)
 
         return make
 
-    if device.type == "cpu":
-        probe = inputs(cases(True)[0], device, torch.float32)
-        backend = _dispatch.select("head_ce", *probe, TAU)
+    if device.type == "cpu":  # the backend per case: params["advcal_backend"]
         return {
             "eager_fp32": eager(torch.float32),
             "compile_fp32": compiled("default", torch.float32, autocast=False),
-            f"advcal_fp32[{backend.name}]": advcal(torch.float32),
+            "advcal_fp32": advcal(torch.float32),
         }
     backend = _dispatch.select("head_ce", *inputs(cases(True)[0], device, torch.bfloat16), TAU)
     return {

@@ -334,6 +334,20 @@ def test_public_api_on_cpu_vs_ref(fn, bsz, d, k, dtype, onednn, impl, monkeypatc
         assert calls > 0
 
 
+def test_no_grad_forward_skips_the_backward_gemm(monkeypatch):
+    """Under torch.no_grad (the evaluator) the CE forward makes two GEMMs (projection,
+    logits), not the third (softmax C) that only the backward needs, even when the tensors
+    require grad; with grad enabled it makes all three."""
+    monkeypatch.delenv(_dispatch.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    e, w, b, c, y = make_inputs(257, 1024, 1000, torch.float32)
+    for t in (e, w, b):
+        t.requires_grad_(True)
+    with torch.no_grad():
+        assert onednn_calls(lambda: ops.head_ce(e, w, b, c, y, TAU)) == 2
+    assert onednn_calls(lambda: ops.head_ce(e, w, b, c, y, TAU)) == 3
+
+
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("bsz", "d", "k"), [(7, 33, 10), (129, 1024, 1000)])

@@ -10,20 +10,20 @@ Public functions (one dispatcher picks the backend, :mod:`advcal.ops._dispatch`)
 * :func:`head_logits` -- the ``(B, K)`` fp32 logits the evaluator uses;
 * :func:`head_target_cos` -- ``cos(z, c_y)`` per row, CrossMaxim's objective.
 
-Backends: ``triton`` (CUDA tensors) and ``cpu`` (CPU tensors) are the same ``advcal::head_fwd`` /
+Backends: ``triton`` (CUDA tensors) and ``cpu`` (CPU tensors) run the same ``advcal::head_fwd`` /
 ``advcal::head_bwd`` custom ops: their CUDA kernels launch :mod:`advcal.kernels.head_ce`, their
-CPU kernels are fused PyTorch (:func:`_head_fwd_cpu`, :func:`_head_bwd_cpu`: the kernels' math
-with as few passes as it takes, the scalings folded into per-row factors, and fp32 GEMMs on
-oneDNN where that is faster, see :func:`linear_cpu`); ``ref`` is the ``*_ref`` functions (plain
-PyTorch autograd). Triton takes float32 and bfloat16 (float16 inputs run on the reference, see
-SUPPORTED_DTYPES) and D <= 1024; the CPU kernels take float32 and bfloat16 at any width (float16
-runs on the reference: CPU fp16 GEMMs are slow). Labels outside ``[0, K)`` raise a ValueError
-when they live on the host; CUDA labels are not read back (no sync): the kernels give such a row
-a NaN loss and a NaN gradient.
+CPU kernels (:func:`_head_fwd_cpu`, :func:`_head_bwd_cpu`) are the kernels' math as few ATen
+calls as it takes, the scalings folded into per-row factors, fp32 GEMMs on oneDNN where that
+is faster (:func:`linear_cpu`), in C++ (csrc/head_cpu.cpp) with Python twins for builds
+without the extension; on CPU an autograd.Function wires them (:class:`_HeadOps`). ``ref`` is
+the ``*_ref`` functions (plain PyTorch autograd). Triton takes float32 and bfloat16 (float16
+inputs run on the reference, see SUPPORTED_DTYPES) and D <= 1024; the CPU kernels take float32
+and bfloat16 at any width (float16 runs on the reference: CPU fp16 GEMMs are slow). Labels
+outside ``[0, K)`` raise a ValueError when they live on the host; CUDA labels are not read back
+(no sync): the kernels give such a row a NaN loss and a NaN gradient.
 
-CPU, fp32, forward+backward (grads for e, W, b), 2-core AMD EPYC (shared, interleaved rounds,
-median of paired ratios; ``benchmarks/bench_head_ce.py --cpu``): (B, D, K) = (256, 1024, 1000)
-2.1x eager and 2.0x torch.compile; (128, 256, 10) 1.3x eager, 1.3x compile (docs/performance.md).
+On CPU the fused path is the default from CPU_MIN_MACS forward multiply-adds (below it the
+reference is faster); figures (fused vs eager vs torch.compile, paired) in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -601,8 +601,9 @@ class _HeadOps(torch.autograd.Function):
     fakes), so the graph holds ``advcal::head_fwd`` / ``head_bwd`` as on GPU."""
 
     @staticmethod
-    def forward(ctx, e, weight, bias, centers, labels, tau, residual, mode):
-        with_pc = mode == MODE_CE and any(ctx.needs_input_grad[:3])
+    def forward(ctx, e, weight, bias, centers, labels, tau, residual, mode, with_pc):
+        # with_pc: decided by the caller, where grad mode is visible (needs_input_grad here
+        # says True under torch.no_grad too: the eval forward would pay the backward's GEMM)
         fwd = torch.ops.advcal.head_fwd if torch.compiler.is_compiling() else _head_fwd_cpu
         out, z, pc = fwd(e, weight, bias, centers, labels, tau, residual, mode, with_pc)
         ctx.save_for_backward(e, weight, bias, centers, labels, z, pc)
@@ -618,22 +619,24 @@ class _HeadOps(torch.autograd.Function):
         de, dw, db = bwd(grad_out, z, pc, centers, labels, e, weight, bias, ctx.tau,
                          ctx.residual, ctx.mode, need_e, need_w, need_b)  # fmt: skip
         return (de if need_e else None, dw if need_w else None, db if need_b else None,
-                None, None, None, None, None)  # fmt: skip
+                None, None, None, None, None, None)  # fmt: skip
 
 
 def _head_ce_cpu(e, weight, bias, centers, labels, tau, *, residual=True, reduction="mean"):
-    rows = _HeadOps.apply(e, weight, bias, centers, labels, float(tau), residual, MODE_CE)
+    rows = _HeadOps.apply(e, weight, bias, centers, labels, float(tau), residual, MODE_CE,
+                          _needs_grad(e, weight, bias))  # fmt: skip
     if reduction == "mean":
         return rows.mean()
     return rows.sum() if reduction == "sum" else rows
 
 
 def _head_logits_cpu(e, weight, bias, centers, tau, *, residual=True):
-    return _HeadOps.apply(e, weight, bias, centers, None, float(tau), residual, MODE_LOGITS)
+    return _HeadOps.apply(e, weight, bias, centers, None, float(tau), residual, MODE_LOGITS,
+                          False)  # fmt: skip
 
 
 def _head_target_cos_cpu(e, weight, bias, centers, labels, *, residual=True):
-    return _HeadOps.apply(e, weight, bias, centers, labels, 1.0, residual, MODE_COS)
+    return _HeadOps.apply(e, weight, bias, centers, labels, 1.0, residual, MODE_COS, False)
 
 
 # ------------------------------------------------------------- Triton-backed entry points
