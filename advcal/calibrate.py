@@ -60,7 +60,7 @@ from advcal.errors import FileFormatError, RunFolderError
 from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
 from advcal.profiling import nvtx_range
-from advcal.validation import check_fields, check_state
+from advcal.validation import check_device, check_fields, check_state
 
 log = logging.getLogger("advcal.calibrate")
 
@@ -175,6 +175,16 @@ class CalibConfig:
                 f"{sum(s.epochs for s in self.stages)} epochs "
                 f"({[s.epochs for s in self.stages]}); make them agree"
             )
+        from advcal.heads import KINDS
+
+        if self.head_kind not in KINDS:
+            raise ValueError(
+                f"CalibConfig.head_kind must be one of {KINDS}, got {self.head_kind!r}"
+            )
+        if self.head_hidden is not None and self.head_hidden < 1:
+            raise ValueError(
+                f"CalibConfig.head_hidden must be >= 1 or None, got {self.head_hidden}"
+            )
         if self.head_init not in ("identity", "backbone"):
             raise ValueError(
                 f"CalibConfig.head_init must be 'identity' or 'backbone', got {self.head_init!r}"
@@ -281,7 +291,7 @@ class Calibrator:
     ) -> None:
         self.config = config or CalibConfig()
         c, labels, _ = split(centers, backbone.embed_dim)  # validates: (K, D) of the backbone
-        self.device = torch.device(device) if device is not None else c.device
+        self.device = check_device(device) if device is not None else c.device
         for m in modalities:
             backbone.spec(m)  # unknown modality -> clear error now, not mid-epoch
         if self.config.cuda_graph and self.device.type != "cuda":
@@ -600,7 +610,11 @@ class Calibrator:
         """One step on this rank's share ``batch`` of the global batch ``global_idx``."""
         n_global = len(global_idx)
         # an empty share (None) still joins DDP's gradient all-reduce
-        batch_local = None if batch is None else batch.to(self.device, non_blocking=True)
+        batch_local = (
+            None
+            if batch is None
+            else batch.to(self.device, non_blocking=True, float_dtype=self.backbone.dtype)
+        )
         e_global = {m: e_clean[m][global_idx].to(self.device) for m in self.modalities}
         if batch_local is not None:
             y = batch_local.labels

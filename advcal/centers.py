@@ -74,6 +74,11 @@ def split(
     if c.dim() != 2 or c.shape[0] == 0 or (dim is not None and c.shape[1] != dim):
         want = f"(K, {dim})" if dim is not None else "(K, D)"
         raise ValueError(f"centers must be {want}, got {tuple(c.shape)}")
+    if not bool(torch.isfinite(c).all()):
+        bad = int((~torch.isfinite(c)).any(1).sum())
+        raise ValueError(f"centers contain NaN or Inf ({bad} of {c.shape[0]} rows)")
+    if bool((c.detach().float().norm(dim=1) == 0).any()):
+        raise ValueError("centers contain an all-zero row: it has no direction to normalise")
     return F.normalize(c.detach().float(), dim=-1), labels, k
 
 
@@ -172,10 +177,10 @@ def load_centers(path: str | Path) -> MultiCenters:
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{path} is not a readable centers file: {err}") from err
     mc = MultiCenters(centers, labels, list(json.loads(meta["class_names"])))
-    split(mc)  # shapes and dtypes
     from advcal.validation import check_finite
 
     check_finite(mc.centers, f"centers file {path}: 'centers'")  # NaN centers: NaN heads
+    split(mc)  # shapes and dtypes
     return mc
 
 

@@ -167,19 +167,11 @@ def _check_cuda_flags(args, device: str) -> None:
 
 def _print_summary(rep: dict, out: Path, seconds: float) -> None:
     from advcal import distributed
-    from advcal.report import table
+    from advcal.report import summary
 
-    if not distributed.is_main():
-        return
-    print()
-    print(table(rep))
-    failed = [k for k, v in rep["sanity"].items() if not v]
-    print(f"\nsanity checks: {'all passed' if not failed else 'FAILED: ' + ', '.join(failed)}")
-    print(
-        f"trainable parameters: {rep['trainable_params']:,} "
-        f"({100 * rep['trainable_fraction']:.2f}% of the backbone)"
-    )
-    print(f"report: {out / 'report.md'}  ({seconds:.0f} s)")
+    if distributed.is_main():
+        print()
+        print(summary(rep, out, seconds))
 
 
 def cmd_demo(args) -> int:

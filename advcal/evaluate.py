@@ -53,7 +53,7 @@ from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split
 from advcal.data.protocol import Batch, collate
 from advcal.heads import CalibrationHeads
-from advcal.validation import check_fields
+from advcal.validation import check_device, check_fields
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,16 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ValueError(f"EvalConfig.workers must be >= 0, got {self.workers}")
+        if not self.weak:
+            raise ValueError("EvalConfig.weak: the masking checks need at least one attack")
+        if not self.large_eps_multiplier > 0:
+            raise ValueError(
+                f"EvalConfig.large_eps_multiplier must be > 0, got {self.large_eps_multiplier}"
+            )
+        for name in ("large_eps_max_acc", "noise", "masking_gap"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise ValueError(f"EvalConfig.{name} is a fraction in [0, 1], got {v}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"EvalConfig.samples must be >= 1 or None, got {self.samples}")
         if not (self.eps_scale > 0 and self.tau > 0 and 0 < self.weak_alpha_ratio <= 4):
@@ -154,6 +164,7 @@ class ModalityResult:
     large_eps_top1: float
     black_box_broke: int | None  # samples only the black-box attack broke; None: not run
     seconds: dict[str, float] = field(default_factory=dict)
+    not_run: list[str] = field(default_factory=list)  # attacks of the suite that cannot run
 
     @classmethod
     def from_dict(cls, d: dict) -> ModalityResult:
@@ -294,7 +305,7 @@ def evaluate(
     cfg = config or EvalConfig()
     show = progress
     t_start = time.perf_counter()
-    device = torch.device(device) if device is not None else centers.device
+    device = check_device(device) if device is not None else centers.device
     if cfg.amp and device.type != "cuda":
         raise ValueError(
             f"EvalConfig.amp: bf16 autocast is for CUDA devices; on {device.type} it would be "
@@ -360,7 +371,7 @@ def evaluate(
             skipped += len(getattr(batch, "skipped", ()) or ())
             if len(batch) == 0:
                 continue
-            batch = batch.to(device)
+            batch = batch.to(device, float_dtype=backbone.dtype or torch.float32)
             seen.append(batch.index.cpu())
             for m in modalities:
                 _evaluate_batch(m, batch, clfs[m], protocols[m], rec[m], counts[m], seconds[m], cfg)
@@ -494,6 +505,7 @@ def _summarise(m, g, counts, proto: _Protocol, cfg: EvalConfig, seconds) -> Moda
         large_eps=proto.large_eps,
         large_eps_top1=mean("large_eps_top1"),
         black_box_broke=int(counts["black_box_broke"]) if proto.black_box else None,
+        not_run=list(proto.main.skipped),
         seconds={k: round(v, 3) for k, v in seconds.items()},
     )
 
@@ -552,7 +564,7 @@ def _ranked_gallery(m, q, g, index, loader, clfs, protocols, cfg, device, show):
     for batch in loader:
         if len(batch) == 0:
             continue
-        batch = batch.to(device)
+        batch = batch.to(device, float_dtype=torch.float32)
         rows = torch.tensor([pos[int(i)] for i in batch.index.tolist()], device=q.device)
         xa = atk(batch.inputs[m], q[rows], comp[rows])
         with torch.no_grad():

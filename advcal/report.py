@@ -32,6 +32,7 @@ _PER_SIDE = (
     "large_eps_top1",
     "black_box_broke",
     "seconds",
+    "not_run",
 )
 
 
@@ -238,6 +239,11 @@ def markdown(report: dict) -> str:
         cascade_table(report),
         "",
     ]
+    not_run = sorted(
+        {f"{m}: {x}" for m, r in report["modalities"].items() for x in r["not_run_before"] or ()}
+    )
+    if not_run:
+        out += ["Not run (the suite adapted to the input): " + "; ".join(not_run) + ".", ""]
     cmp = compare_table(report)
     if cmp:
         out += [

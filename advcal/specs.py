@@ -50,6 +50,7 @@ class InputSpec:
             raise ValueError(f"InputSpec.eps must be finite and >= 0, got {self.eps}")
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"InputSpec.norm must be 'linf' or 'l2', got {self.norm!r}")
+        self.check_eps(self.eps, "InputSpec.eps")
 
     @property
     def range(self) -> float | None:

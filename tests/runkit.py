@@ -13,34 +13,16 @@ import torch
 
 def _cheapest_eval() -> dict:
     """The cheapest evaluation protocol EvalConfig takes: one-step attacks, one sweep point,
-    no retrieval. Written against the fields EvalConfig has (the suite-based protocol, or
-    the attacks/steps/restarts one), so these tests follow the protocol's own changes."""
-    import dataclasses
-
-    from advcal.evaluate import EvalConfig
-
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
-    if "suite" in names:
-        want = {
-            "suite": ["pgd:1"],
-            "compare": [],
-            "sweep": [1.0],
-            "sweep_suite": ["pgd:1"],
-            "weak": ["pgd:1"],
-            "retrieval": False,
-            "batch_size": 16,
-        }
-    else:
-        want = {
-            "steps": 1,
-            "restarts": 1,
-            "sweep": [1.0],
-            "sweep_steps": 1,
-            "weak_steps": 1,
-            "batch_size": 16,
-            "retrieval": False,
-        }
-    return {k: v for k, v in want.items() if k in names}
+    no retrieval."""
+    return {
+        "suite": ["pgd:1"],
+        "compare": [],
+        "sweep": [1.0],
+        "sweep_suite": ["pgd:1"],
+        "weak": ["pgd:1"],
+        "retrieval": False,
+        "batch_size": 16,
+    }
 
 
 # the cheapest real run: minibind (width 4, 1 pretraining epoch) on two digits modalities,

@@ -9,7 +9,6 @@ damage a copy of the run folder first and check the copy is not changed further.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pickle
@@ -237,57 +236,92 @@ API_CASES = [
 ]
 
 
-# the evaluation protocol's own fields: the attacks/steps/restarts protocol, or the suite one
-_EVAL_FIELDS = {f.name for f in dataclasses.fields(EvalConfig)}
-if "steps" in _EVAL_FIELDS:
-    API_CASES += [
-        (
-            "eval-attack-nope",
-            _eval(attacks=["nope"]),
-            "EvalConfig.attacks: unknown attacks ['nope']",
+def _toy_call(fn):
+    """A case on the tests' two-modality toy world (conftest.Toy)."""
+
+    def make(w):
+        from conftest import Toy
+
+        bb, centers, ds = Toy.build()
+        return fn(bb, centers, ds)
+
+    return make
+
+
+def _nan_centers(c):
+    c = c.clone()
+    c[1, 0] = math.nan
+    return c
+
+
+API_CASES += [
+    ("calib-head-kind", _calib(head_kind="nope"), "CalibConfig.head_kind must be one of"),
+    ("calib-hidden-0", _calib(head_hidden=0), "CalibConfig.head_hidden must be >= 1"),
+    ("calib-hidden-neg", _calib(head_hidden=-3), "CalibConfig.head_hidden must be >= 1"),
+    ("calib-targets-0", _calib(targets=0), "CalibConfig.targets must be positive"),
+    ("calib-workers-neg", _calib(workers=-1), "CalibConfig.workers must be >= 0"),
+    ("calib-attack-none-mix", _calib(attack=["none", "ce"]), "'none' (clean inputs)"),
+    ("calib-stages-sum", _calib(epochs=3, stages=[{"epochs": 2}]), "the stages last 2"),
+    ("calib-stage-eps", _calib(epochs=1, stages=[{"epochs": 1, "eps": -1.0}]), "Stage.eps"),
+    ("calib-stage-attack", _calib(epochs=1, stages=[{"epochs": 1, "attack": "x"}]), "'x'"),
+    ("eval-large-eps-0", _eval(large_eps_multiplier=0.0), "large_eps_multiplier must be > 0"),
+    ("eval-max-acc-2", _eval(large_eps_max_acc=2.0), "large_eps_max_acc is a fraction"),
+    ("eval-noise-neg", _eval(noise=-1.0), "EvalConfig.noise is a fraction"),
+    ("eval-gap-neg", _eval(masking_gap=-1.0), "EvalConfig.masking_gap is a fraction"),
+    ("eval-weak-empty", _eval(weak=[]), "EvalConfig.weak: the masking checks need"),
+    ("eval-graph-true", _eval(cuda_graph=True), "EvalConfig.cuda_graph"),
+    ("eval-sweep-suite", _eval(sweep_suite=["nope"]), "nope"),
+    ("eval-compare-nope", _eval(compare=["strongest"]), "unknown suite 'strongest'"),
+    ("spec-eps-range", lambda w: InputSpec((3,), 0.0, 1.0, 2.0), "larger than the valid range"),
+    (
+        "api-nan-centers-calibrator",
+        _toy_call(lambda bb, c, ds: __import__("advcal").Calibrator(bb, _nan_centers(c), ["img"])),
+        "centers contain NaN or Inf",
+    ),
+    (
+        "api-nan-centers-evaluate",
+        _toy_call(lambda bb, c, ds: __import__("advcal").evaluate(bb, ds, _nan_centers(c))),
+        "centers contain NaN or Inf",
+    ),
+    (
+        "api-zero-center",
+        _toy_call(lambda bb, c, ds: __import__("advcal").evaluate(bb, ds, c * 0)),
+        "all-zero row",
+    ),
+    (
+        "api-cuda-calibrator",
+        _toy_call(
+            lambda bb, c, ds: __import__("advcal").Calibrator(bb, c, ["img"], device="cuda:7")
         ),
-        ("eval-attacks-empty", _eval(attacks=[]), "EvalConfig.attacks: unknown attacks []"),
-        ("eval-attacks-str", _eval(attacks="pgd"), "EvalConfig.attacks must be a list of str"),
-        (
-            "eval-restarts-3",
-            _eval(restarts=[1, 2, 3]),
-            "EvalConfig.restarts: 3 values for 2 attacks",
+        "cuda",
+    ),
+    (
+        "api-cuda-evaluate",
+        _toy_call(lambda bb, c, ds: __import__("advcal").evaluate(bb, ds, c, device="cuda:7")),
+        "cuda",
+    ),
+    (
+        "api-attack-float64",
+        _toy_call(
+            lambda bb, c, ds: __import__("advcal").PGD(
+                __import__("advcal").ZeroShotClassifier(bb, "img", c)
+            )(ds.inputs["img"].double(), ds.labels)
         ),
-        (
-            "eval-restarts-0",
-            _eval(restarts=0),
-            "EvalConfig needs steps, restarts and batch_size >= 1",
-        ),
-        (
-            "eval-restarts-bool",
-            _eval(restarts=True),
-            "EvalConfig.restarts must be an int, or a list",
-        ),
-        ("eval-restarts-float", _eval(restarts=[1, 1.5]), "EvalConfig.restarts must be an int"),
-        ("eval-steps-float", _eval(steps=2.5), "EvalConfig.steps must be an int, got 2.5"),
-        ("eval-steps-bool", _eval(steps=True), "EvalConfig.steps must be an int, got True"),
-        ("eval-weak-nope", _eval(weak_attacks=["x"]), "EvalConfig.weak_attacks: unknown attacks"),
-        ("eval-graph-int", _eval(cuda_graph=1), "EvalConfig.cuda_graph must be true or false"),
-        (
-            "eval-alpha-nan",
-            _eval(alpha_ratio=NAN),
-            "EvalConfig.alpha_ratio must be a finite number",
-        ),
-        ("evalconfig-direct", lambda w: EvalConfig(steps=None), "EvalConfig.steps must be an int"),
-    ]
-if "suite" in _EVAL_FIELDS:
-    API_CASES += [
-        ("eval-suite-int", _eval(suite=3), "EvalConfig.suite must be"),
-        ("eval-suite-nope", _eval(suite=["nope:3"]), "nope"),
-        ("eval-weak-str", _eval(weak="pgd:10"), "EvalConfig.weak must be a list of str"),
-        ("eval-weak-apgd", _eval(weak=["apgd-ce:10"]), "is not a PGD-family attack"),
-        ("eval-workers-neg", _eval(workers=-1), "EvalConfig.workers must be >= 0"),
-        ("eval-samples-0", _eval(samples=0), "EvalConfig.samples must be >= 1"),
-        ("eval-samples-float", _eval(samples=1.5), "EvalConfig.samples must be an int, or None"),
-        ("eval-amp-str", _eval(amp="yes"), "EvalConfig.amp must be true or false, got 'yes'"),
-        ("eval-compare-int", _eval(compare=[3]), "EvalConfig.compare must be a list of str"),
-        ("evalconfig-direct", lambda w: EvalConfig(seed=None), "EvalConfig.seed must be an int"),
-    ]
+        "attacks run on float32",
+    ),
+]
+API_CASES += [
+    ("eval-suite-int", _eval(suite=3), "EvalConfig.suite must be"),
+    ("eval-suite-nope", _eval(suite=["nope:3"]), "nope"),
+    ("eval-weak-str", _eval(weak="pgd:10"), "EvalConfig.weak must be a list of str"),
+    ("eval-weak-apgd", _eval(weak=["apgd-ce:10"]), "is not a PGD-family attack"),
+    ("eval-workers-neg", _eval(workers=-1), "EvalConfig.workers must be >= 0"),
+    ("eval-samples-0", _eval(samples=0), "EvalConfig.samples must be >= 1"),
+    ("eval-samples-float", _eval(samples=1.5), "EvalConfig.samples must be an int, or None"),
+    ("eval-amp-str", _eval(amp="yes"), "EvalConfig.amp must be true or false, got 'yes'"),
+    ("eval-compare-int", _eval(compare=[3]), "EvalConfig.compare must be a list of str"),
+    ("evalconfig-direct", lambda w: EvalConfig(seed=None), "EvalConfig.seed must be an int"),
+]
 
 # -- the Python API: files -----------------------------------------------------------------------
 
@@ -858,6 +892,26 @@ def test_float64_and_float16_dataset_files_are_cast_not_refused(world):
         )
         train, test = _datasets(RunConfig.from_dict({**runkit.TINY, "data": str(path)}))
         assert {x.dtype for x in (*train.inputs.values(), *test.inputs.values())} == {torch.float32}
+
+
+def test_api_float64_and_float16_inputs_are_cast():
+    """Another float dtype reaches the backbone as its own dtype: the same logits, no error."""
+    from conftest import Toy
+
+    import advcal
+
+    bb, centers, ds = Toy.build()
+    clf = advcal.ZeroShotClassifier(bb, "img", centers)
+    x = ds.inputs["img"][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x.double()), clf(x))
+        torch.testing.assert_close(clf(x.half()), clf(x.half().float()))
+    y = ds.labels[:8]
+    x_adv = advcal.PGD(clf, steps=2)(x.half(), y)
+    assert (
+        x_adv.dtype == torch.float16
+        and (x_adv.float() - x.half().float()).abs().max() <= 8 / 255 + 1e-3
+    )
 
 
 def test_case_count():

@@ -20,7 +20,13 @@ TINY = {
     "train_limit": 64,
     "test_limit": 24,
     "calib": {"epochs": 1, "batch_size": 32, "attack_steps": 2},
-    "eval": {"steps": 2, "restarts": 1, "sweep_steps": 2, "weak_steps": 2, "batch_size": 16},
+    "eval": {
+        "suite": ["apgd-ce:2", "apgd-t:2", "square:20"],
+        "sweep_suite": ["apgd-ce:2"],
+        "weak": ["pgd:2", "crossmaxim:2"],
+        "retrieval_steps": 2,
+        "batch_size": 16,
+    },
 }
 
 
@@ -62,7 +68,10 @@ def test_report_has_every_required_field(finished_run):
         for k in ("clean_top1", "robust_top1", "clean_top5", "robust_top5"):
             for when in ("before", "after"):
                 assert 0.0 <= r[f"{k}_{when}"] <= 1.0
-        assert r["eps"] > 0 and set(r["attacks"]["before"]) == {"pgd", "crossmaxim"}
+        assert r["eps"] > 0
+        assert list(r["attacks_before"]) == ["apgd-ce-2", "apgd-t-2", "square-20q"]
+        assert set(r["compare_before"]) == {"legacy"}
+        assert r["n"] == 24
     assert all(isinstance(v, bool) for v in on_disk["sanity"].values())
     assert "image->audio" in on_disk["retrieval"]
     assert (out / "report.md").read_text().startswith("# advcal report")

@@ -111,6 +111,11 @@ class Attack:
         for m, t in self.targets.items():
             name = f"x[{m!r}]" if m else "x"
             t.spec.check_input(xs[m], name, m)
+            if xs[m].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(
+                    f"{name} is {xs[m].dtype}; attacks run on float32 (or bfloat16/float16) "
+                    "inputs: pass x.float()"
+                )
             if xs[m].shape[0] != y.shape[0]:
                 raise ValueError(f"{name} has batch {xs[m].shape[0]} but y has {y.shape[0]}")
             if xs[m].device != y.device:

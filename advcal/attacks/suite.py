@@ -12,7 +12,9 @@ Named suites (:data:`SUITES`):
 
 * ``standard``: AutoAttack's ``standard`` composition and budgets (DATA.md §4): APGD-CE (100
   steps), APGD-T (100 steps, 9 targets or K - 1), FAB-T (100 steps, 9 targets), Square (5000
-  queries; L-inf only: for an L2 input it is skipped and the black-box check is not run).
+  queries). Adapted where an attack cannot run, and said so (``AttackSuite.skipped``, shown
+  in reports): Square is L-inf only (an L2 input runs without it and the black-box check is
+  not run); APGD-T's targeted DLR loss needs at least 4 classes.
 * ``fast``: APGD-CE + APGD-T (20 steps each, 3 targets), for evaluation during training, the
   eps sweep and the large-eps check.
 * ``legacy``: what advcal used before (PGD-50 x 2 restarts and CrossMaxim-50, step eps/10),
@@ -203,11 +205,15 @@ class AttackSuite:
             raise ValueError("no InputSpec: pass spec= (ZeroShotClassifier has one)")
         self.eps = self.spec.check_eps(self.spec.eps if eps is None else eps)
         self.specs = resolve(attacks)
-        self.skipped: list[str] = []
+        self.skipped: list[str] = []  # "<label>: <why>", shown in reports
         self.attacks = {}
+        k = getattr(model, "num_classes", None)
         for i, s in enumerate(self.specs):
-            if s.name in BLACK_BOX and self.spec.norm != "linf":
-                self.skipped.append(s.label)  # Square is L-inf only: said in the report
+            if s.name in BLACK_BOX and self.spec.norm != "linf":  # Square is L-inf only
+                self.skipped.append(f"{s.label}: L-inf only, this input is {self.spec.norm}")
+                continue
+            if s.name == "apgd-t" and k is not None and k < 4:  # the targeted DLR's ranks
+                self.skipped.append(f"{s.label}: the targeted DLR loss needs >= 4 classes, {k}")
                 continue
             if s.label in self.attacks:
                 raise ValueError(f"attack {s.label} appears twice in the suite")

@@ -65,13 +65,25 @@ class Backbone(nn.Module):
     def encode(self, modality: str, x: torch.Tensor, *, check: bool = True) -> torch.Tensor:
         """Embed a batch ``x`` of modality ``modality`` given in its valid input range.
 
-        Returns ``(B, embed_dim)``. Differentiable w.r.t. ``x`` (attacks need it).
+        Returns ``(B, embed_dim)``. Differentiable w.r.t. ``x`` (attacks need it). An input of
+        another floating dtype (float64 from numpy, float16) is cast to the weights' dtype.
         ``check=False`` skips validation (the attack loop validates once, not every step).
         """
         spec = self.spec(modality)
         if check:
             spec.check_input(x, "x", modality)
+        dtype = self.dtype
+        if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)  # e.g. float64 from numpy: the weights' dtype (differentiable)
         return self._encode(modality, x)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype of the weights (None: no floating parameter)."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
 
     def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -140,9 +140,23 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+    def to(
+        self,
+        device: torch.device | str,
+        non_blocking: bool = False,
+        float_dtype: torch.dtype | None = None,
+    ) -> Batch:
+        """On ``device``; ``float_dtype`` also casts every floating input that differs (a
+        float64 dataset file becomes the model's float32)."""
+
+        def move(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device, non_blocking=non_blocking)
+            if float_dtype is not None and x.is_floating_point() and x.dtype != float_dtype:
+                x = x.to(float_dtype)
+            return x
+
         return Batch(
-            {m: x.to(device, non_blocking=non_blocking) for m, x in self.inputs.items()},
+            {m: move(x) for m, x in self.inputs.items()},
             self.labels.to(device, non_blocking=non_blocking),
             self.ids.to(device, non_blocking=non_blocking),
             self.index.to(device, non_blocking=non_blocking),
