@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -229,6 +230,17 @@ def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device | str) -> dict:
     device = torch.device(device)
     try:
@@ -248,9 +260,11 @@ def environment(device: torch.device | str) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+        ),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
     }
     try:

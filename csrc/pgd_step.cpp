@@ -161,11 +161,11 @@ void random_start_l2_cpu(at::TensorList x_adv, at::TensorList x_orig, c10::Array
 #endif
 #define ADVCAL_INLINE inline __attribute__((always_inline))
 
-// Minimum elements per thread. A chunk below ~64K elements (1 MiB of fp32 traffic, ~12 us at
-// the in-cache rate of one core) does not pay for waking a second thread; at 1e6 elements this
-// still uses 15 threads of 16, at 1e5 one (measured on the 2-core machine: 1e5 fp32 L-inf
-// 0.019 ms on one thread vs 0.017 ms on two; 1e6: 0.150 vs 0.083 ms).
-constexpr int64_t kGrain = 1 << 16;
+// Minimum elements per thread. Measured on the 2-core machine (fp32 L-inf, best of 400, one vs
+// two threads): 7e4 elements 18.3 vs 20.0 us, 1e5 24.9 vs 25.8 us, 2e5 45 vs 31 us, 4e5 95 vs
+// 59 us, 1e6 227 vs 116 us: a second thread pays from ~1e5 elements each (~20 us of work), so
+// 128K per thread; 1e6 then runs on 8 threads of a 16-core machine, 1e7 on all.
+constexpr int64_t kGrain = 1 << 17;
 
 // Storage <-> fp32 exactly as c10 converts (bf16/fp16: round to nearest even, once), on the raw
 // bits, so the loops vectorise.

@@ -298,7 +298,7 @@ def test_long_mixed_list_matches_ref(norm):
         assert torch.equal(o, r), i
 
 
-# Sizes that put the CPU kernel's thread chunks (one range over the whole list, >= 64K
+# Sizes that put the CPU kernel's thread chunks (one range over the whole list, >= 128K
 # elements each) in the middle of tensors and of samples, mixed dtypes: ~420K elements.
 SPLIT_SPECS = [
     ((3, 40001), torch.float32),

@@ -595,7 +595,7 @@ class _HeadOps(torch.autograd.Function):
     op's ``register_autograd`` wires them, in a plain autograd.Function. In eager code it calls
     the ops' CPU kernels (:func:`_head_fwd_cpu`, :func:`_head_bwd_cpu`) directly: the custom-op
     machinery around them (generated autograd with argument pytrees and default filling,
-    aliasing checks, a dynamo-disabled wrapper) cost ~110 us per forward+backward with these
+    aliasing checks, a dynamo-disabled wrapper) cost 110-140 us per forward+backward with these
     nine arguments, measured at (B, D, K) = (2, 8, 3) on the 2-core machine (the reference's
     whole step there: 90 us). Under torch.compile it calls the ops (traced through their
     fakes), so the graph holds ``advcal::head_fwd`` / ``head_bwd`` as on GPU."""
