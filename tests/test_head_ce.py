@@ -312,9 +312,18 @@ def use_kernels(impl: str, monkeypatch, module=HEAD) -> None:
         monkeypatch.setattr(module, "cpp_kernels", lambda: False)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "python"])
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# (dtype, oneDNN on, kernels): the C++ kernels with and without oneDNN, bf16, and the Python
+# twins once (test_cpp_kernels_equal_their_python_twins pins them to the C++ bit for bit)
+CPU_PATHS = [
+    (torch.float32, True, "cpp"),
+    (torch.float32, False, "cpp"),
+    (torch.bfloat16, True, "cpp"),
+    (torch.float32, True, "python"),
+]
+CPU_PATH_IDS = ["fp32-onednn-cpp", "fp32-mkl-cpp", "bf16-onednn-cpp", "fp32-onednn-python"]
+
+
+@pytest.mark.parametrize(("dtype", "onednn", "impl"), CPU_PATHS, ids=CPU_PATH_IDS)
 @pytest.mark.parametrize(("bsz", "d", "k"), ONEDNN_SHAPES)
 @pytest.mark.parametrize("fn", FNS)
 def test_public_api_on_cpu_vs_ref(fn, bsz, d, k, dtype, onednn, impl, monkeypatch):

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, requires_cuda
+from test_head_ce import CPU_PATH_IDS, CPU_PATHS
 from tolerances import assert_close_to_ref
 
 import advcal.ops as ops
@@ -89,10 +90,8 @@ def test_grads_vs_ref(bsz, d, dtype, symmetric):
     check(NCE._infonce_op, bsz, d, dtype, symmetric)
 
 
-@pytest.mark.parametrize("impl", ["cpp", "python"])
-@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+@pytest.mark.parametrize(("dtype", "onednn", "impl"), CPU_PATHS, ids=CPU_PATH_IDS)
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("bsz", "d"), [(256, 1024), (128, 256)])
 def test_public_api_on_cpu_vs_ref(bsz, d, dtype, symmetric, onednn, impl, monkeypatch):
     """The default CPU path (backend ``cpu``) at the benchmark's shapes, both input
