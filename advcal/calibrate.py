@@ -55,7 +55,7 @@ from advcal.attacks import PGD, ZeroShotClassifier
 from advcal.attacks.iterative import IterativeAttack
 from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split, zero_shot_logits
-from advcal.data.protocol import collate
+from advcal.data.protocol import check_batch, collate
 from advcal.errors import FileFormatError, RunFolderError
 from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
@@ -353,6 +353,14 @@ class Calibrator:
         read from the on-disk cache or computed in one pass over ``dataset`` (rank 0 writes
         the cache; the other ranks wait and read it)."""
         info, n = dataset.info, len(dataset)
+        memo = self.__dict__.setdefault("_clean", {})
+        if (info.fingerprint, n) in memo:  # already read once by this calibrator
+            return memo[(info.fingerprint, n)]
+        memo[(info.fingerprint, n)] = out = self._clean_embeddings(dataset, progress)
+        return out
+
+    def _clean_embeddings(self, dataset: Dataset, progress: bool) -> dict:
+        info, n = dataset.info, len(dataset)
         if not self.config.cache:  # every rank computes them in memory
             arrays = self._encode_all(dataset, self.modalities, progress)
             return {m: embcache.CleanEmbeddings(a) for m, a in arrays.items()}
@@ -393,6 +401,7 @@ class Calibrator:
         for batch in loader:
             if batch is None:
                 continue
+            check_batch(batch, dataset.info)
             for m in modalities:
                 with self._autocast():
                     e = self.backbone.encode(m, batch.inputs[m].to(self.device), check=True)

@@ -49,7 +49,31 @@ def _add_run_args(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
     p.add_argument("--checkpoint", help="checkpoint file or directory of a real Bind model")
     p.add_argument(
         "--data",
-        help="'digits' (embedded) or a dataset file (advcal.data.save or save_splits)",
+        help="a data source: 'digits' (embedded), a dataset file, or SCHEME:PATH in the "
+        "benchmark's own layout (imagenet:, esc50:, modelnet40:, msrvtt:, nyud:, llvip:, "
+        "ncaltech101:, nimagenet:, folder:, paired:; options as ?key=value, e.g. "
+        "esc50:/data/ESC-50?fold=5); see docs/data.md",
+    )
+    p.add_argument("--split", help="the evaluation split (default test; ImageNet: val)")
+    if calibrate:
+        p.add_argument("--train-split", help="the calibration split (default train)")
+    p.add_argument("--first", type=int, help="evaluate the first N items of the split")
+    p.add_argument(
+        "--subset",
+        help="evaluate the items a list file names, in its order (e.g. RobustBench's "
+        "imagenet_test_image_ids.txt)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="samples per batch (evaluation; calibrate: the training batch as well)",
+    )
+    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        default=None,
+        help="skip (and count in the report) unreadable files instead of stopping",
     )
     p.add_argument(
         "--centers",
@@ -101,7 +125,19 @@ def _config_from_args(args, base=None):
 
     cfg = RunConfig.from_file(args.config) if args.config else (base or RunConfig())
     changes: dict = {}
-    for name in ("backbone", "checkpoint", "data", "centers", "device", "dist_timeout"):
+    for name in (
+        "backbone",
+        "checkpoint",
+        "data",
+        "centers",
+        "device",
+        "dist_timeout",
+        "split",
+        "train_split",
+        "first",
+        "subset",
+        "skip_bad",
+    ):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     if getattr(args, "modalities", None) is not None:
@@ -110,13 +146,24 @@ def _config_from_args(args, base=None):
             raise UserError(f"--modalities {args.modalities!r} names no modality")
         changes["modalities"] = mods
     calib: dict = {}
+    evals: dict = {}
     if getattr(args, "epochs", None) is not None:
         calib["epochs"] = args.epochs
+    if getattr(args, "batch_size", None) is not None:
+        evals["batch_size"] = args.batch_size
+        if args.cmd == "calibrate":
+            calib["batch_size"] = args.batch_size
+    if getattr(args, "workers", None) is not None:
+        evals["workers"] = args.workers
+        if args.cmd == "calibrate":
+            calib["workers"] = args.workers
     if getattr(args, "amp", False) and args.cmd == "calibrate":
         calib["amp"] = True
     if getattr(args, "cuda_graph", False):
         _no_graph_in_evaluate(args)
         calib["cuda_graph"] = True
+    if evals:
+        changes["eval"] = dataclasses.replace(cfg.eval, **evals)
     if getattr(args, "amp", False) and args.cmd == "evaluate":
         changes["eval"] = _eval_amp(changes.get("eval", cfg.eval))
     if calib:
@@ -200,82 +247,52 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-_RUN_OWNS = ("config", "backbone", "checkpoint", "data", "centers", "modalities")
+_RUN_OWNS = (
+    "config",
+    "backbone",
+    "checkpoint",
+    "data",
+    "centers",
+    "modalities",
+    "split",
+    "first",
+    "subset",
+)
 
 
 def cmd_evaluate(args) -> int:
     """Evaluate a finished run folder (frozen vs calibrated), or a frozen backbone alone."""
-    from advcal import backbones, provenance, report, runfolder, validation
-    from advcal.evaluate import evaluate
-    from advcal.pipeline import _datasets, load_run, make_centers
+    from advcal import validation
+    from advcal.pipeline import evaluate_backbone, evaluate_run
 
     t0 = time.perf_counter()
-    out = args.out or (Path(args.run) / "eval" if args.run else Path("advcal-eval"))
-    runfolder.RunFolder(out, {}).check_path()  # --out that is a file: refused before work
-    if args.run is not None:
-        clash = [f"--{n.replace('_', '-')}" for n in _RUN_OWNS if getattr(args, n) is not None]
-        if clash:
-            raise UserError(
-                f"--run evaluates the run folder's own config; {', '.join(clash)} cannot be "
-                "combined with it (evaluate without --run to set them)"
-            )
-        if args.device is not None:
-            validation.check_device(args.device, "--device")
-        run = load_run(args.run, device=args.device)
-        cfg, backbone, heads, centers = run.config, run.backbone, run.heads, run.centers
-        changes = {}
-        _no_graph_in_evaluate(args)
-        if args.amp:
-            changes["eval"] = _eval_amp(changes.get("eval", cfg.eval))
-        if args.dist_timeout is not None:
-            changes["dist_timeout"] = args.dist_timeout
-        cfg = cfg.replace(**changes) if changes else cfg
-        _check_cuda_flags(args, cfg.device)
-        train, test = None, run.dataset("test")
-    else:
+    progress = not args.quiet
+    if args.run is None:
         cfg = _config_from_args(args)
-        validation.check_device(cfg.device, "device")
-        backbone = backbones.load(
-            cfg.backbone,
-            checkpoint=cfg.checkpoint,
-            device=cfg.device,
-            progress=not args.quiet,
-            **cfg.backbone_kwargs,
+        out = args.out or Path("advcal-eval")
+        rep = evaluate_backbone(cfg, out, progress=progress)
+        _print_summary(rep, out, time.perf_counter() - t0)
+        return 0
+    clash = [f"--{n.replace('_', '-')}" for n in _RUN_OWNS if getattr(args, n, None) is not None]
+    if clash:
+        raise UserError(
+            f"--run evaluates the run folder's own config; {', '.join(clash)} cannot be "
+            "combined with it (evaluate without --run to set them)"
         )
-        train, test = _datasets(cfg)
-        heads = None
-        centers, _ = make_centers(cfg, backbone, test)
-    modalities = cfg.modalities or tuple(m for m in test.modalities if m in backbone.modalities)
-    kw = {
-        "modalities": modalities,
-        "config": cfg.eval,
-        "device": cfg.device,
-        "progress": not args.quiet,
+    if args.device is not None:
+        validation.check_device(args.device, "--device")
+    _no_graph_in_evaluate(args)
+    overrides = {
+        k: v
+        for k, v in (("batch_size", args.batch_size), ("workers", args.workers))
+        if v is not None
     }
-    before = evaluate(backbone, test, centers, None, **kw)
-    after = evaluate(backbone, test, centers, heads, **kw) if heads is not None else None
-    rep = report.build(
-        backbone=backbone.name,
-        backbone_params=backbone.num_params(),
-        trainable_params=heads.num_trainable() if heads is not None else 0,
-        before=before,
-        after=after,
-        config=cfg.as_dict(),
-        timings={"evaluate": time.perf_counter() - t0},
-        dataset=test.name,
+    if args.amp:
+        overrides["amp"] = True  # refused by the evaluation on a device without CUDA
+    out = args.out or Path(args.run) / "eval"
+    rep = evaluate_run(
+        args.run, out, device=args.device, eval_overrides=overrides, progress=progress
     )
-    rep["run"] = {"modalities": list(modalities), "evaluated_run": str(args.run or "")}
-    rep["provenance"] = provenance.collect(
-        cfg,
-        backbone=backbone,
-        datasets={"test": test} if train is None else {"train": train, "test": test},
-        device=cfg.device,
-    )
-    if args.run is not None:
-        rep["provenance"]["heads_sha256"] = provenance.sha256_file(
-            Path(args.run) / "heads.safetensors", use_cache=False
-        )
-    report.write(rep, out)
     _print_summary(rep, out, time.perf_counter() - t0)
     return 0
 

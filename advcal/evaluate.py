@@ -51,7 +51,7 @@ from advcal.attacks.retrieval import competitors
 from advcal.attacks.suite import BLACK_BOX, resolve
 from advcal.backbones.base import Backbone
 from advcal.centers import Centers, MultiCenters, split
-from advcal.data.protocol import Batch, collate
+from advcal.data.protocol import Batch, check_batch, collate
 from advcal.heads import CalibrationHeads
 from advcal.validation import check_device, check_fields
 
@@ -371,6 +371,7 @@ def evaluate(
             skipped += len(getattr(batch, "skipped", ()) or ())
             if len(batch) == 0:
                 continue
+            check_batch(batch, info)
             batch = batch.to(device, float_dtype=backbone.dtype or torch.float32)
             seen.append(batch.index.cpu())
             for m in modalities:

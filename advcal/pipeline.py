@@ -27,7 +27,7 @@ from advcal import distributed as dist
 from advcal.attacks import ZeroShotClassifier
 from advcal.calibrate import CalibConfig, Calibrator
 from advcal.centers import Centers, for_classes, load_centers, split
-from advcal.data import MultiModalDataset, load_dataset
+from advcal.data import MultiModalDataset
 from advcal.errors import ConfigError, FileFormatError
 from advcal.evaluate import EvalConfig, EvalResult, evaluate
 from advcal.heads import CalibrationHeads
@@ -35,7 +35,15 @@ from advcal.heads import CalibrationHeads
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What a run depends on. ``data`` is ``"digits"`` or a dataset file (``advcal.data.save``).
+    """What a run depends on.
+
+    ``data``: a data source (:func:`advcal.data.open`): ``"digits"`` (embedded), a dataset
+    file, or ``SCHEME:PATH`` for a benchmark in its own layout (``imagenet:/data/imagenet``,
+    ``esc50:/data/ESC-50?fold=5``, ...; ``data_options`` adds source options). Calibration
+    reads ``train_split``, evaluation ``split`` (``first`` / ``subset``: its first N items, or
+    a list file of item keys in list order, e.g. RobustBench's 5000 ImageNet images); an
+    evaluation alone never opens the training split. Inputs go through the backbone's own
+    transforms (``Backbone.transforms()``) up to the attack space.
 
     ``centers``: the fixed semantic centers. ``None`` (default): the backbone's text embeddings
     of the dataset's class prompts (template ensemble). A path: a multi-center file (UniBind's
@@ -46,6 +54,12 @@ class RunConfig:
     checkpoint: str | list[str] | None = None  # a file or folder; UniBind: several files
     backbone_kwargs: dict = field(default_factory=dict)
     data: str = "digits"
+    data_options: dict = field(default_factory=dict)  # the source's own options (fold=5, ...)
+    split: str = "test"  # the evaluation split
+    train_split: str = "train"  # the calibration split
+    first: int | None = None  # evaluate the first N items of the split
+    subset: str | None = None  # evaluate the items a list file names, in its order
+    skip_bad: bool = False  # skip (and count) unreadable files instead of stopping
     centers: str | None = None  # a multi-center file (advcal convert-centers); None: prompts
     modalities: tuple[str, ...] | None = None
     train_limit: int | None = None
@@ -68,11 +82,13 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and v < 2:
                 raise ConfigError(f"RunConfig.{name} must be >= 2, got {v}")
+        if self.first is not None and self.first < 1:
+            raise ConfigError(f"RunConfig.first must be >= 1, got {self.first}")
         if not self.dist_timeout > 0:
             raise ConfigError(
                 f"RunConfig.dist_timeout must be > 0 seconds, got {self.dist_timeout}"
             )
-        for name in ("backbone", "data"):
+        for name in ("backbone", "data", "split", "train_split"):
             if not getattr(self, name).strip():
                 raise ConfigError(f"RunConfig.{name} must not be empty")
 
@@ -122,28 +138,48 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_split(ds: MultiModalDataset, cfg: RunConfig, split_name: str) -> MultiModalDataset:
-    """A split at the boundary: finite inputs, float32 (float64/float16 cast; see
-    :func:`advcal.validation.check_inputs`)."""
+def _check_split(ds, cfg: RunConfig, split_name: str):
+    """A split at the boundary: an in-memory one is checked whole (finite inputs; float64 /
+    float16 cast, see :func:`advcal.validation.check_inputs`); a streamed source is checked
+    batch by batch as it is read (the backbone refuses NaN, the loops cast dtypes)."""
     if not isinstance(ds, MultiModalDataset):
-        return ds  # a streamed source checks its samples as it decodes them
+        return ds
     inputs = validation.check_inputs(ds.inputs, f"dataset {cfg.data!r} ({split_name} split)")
     if all(inputs[m] is ds.inputs[m] for m in inputs):
         return ds
     return dataclasses.replace(ds, inputs=inputs)
 
 
-def _datasets(cfg: RunConfig) -> tuple[MultiModalDataset, MultiModalDataset]:
-    train = load_dataset(cfg.data, split="train")
-    test = load_dataset(cfg.data, split="test")
-    if cfg.modalities is not None:
-        train, test = train.select(cfg.modalities), test.select(cfg.modalities)
-    gen = torch.Generator().manual_seed(provenance.SUBSET_SEED)
-    if cfg.train_limit is not None and cfg.train_limit < len(train):
-        train = train.subset(torch.randperm(len(train), generator=gen)[: cfg.train_limit])
+def open_data(cfg: RunConfig, backbone: backbones.Backbone | None = None, *, train: bool = True):
+    """``(train, test)`` datasets of a run (``train`` None when not asked for): ``cfg.data``
+    opened at ``cfg.train_split`` / ``cfg.split`` through the backbone's transforms, the
+    evaluation split cut to ``first`` / ``subset``, then ``train_limit`` / ``test_limit``
+    seeded random subsets. Nothing is decoded here: items are read as they are used."""
+    from advcal.data import open as open_source
+    from advcal.data.protocol import subset
+
+    transforms = backbone.transforms() if backbone is not None else None
+    common = {
+        "transforms": transforms or None,
+        "modalities": cfg.modalities,
+        "skip_bad": cfg.skip_bad,
+        **cfg.data_options,
+    }
+    test = open_source(cfg.data, cfg.split, first=cfg.first, subset=cfg.subset, **common)
+    tr = open_source(cfg.data, cfg.train_split, **common) if train else None
+    # one generator per split: the evaluation subset does not depend on the training split
+    if tr is not None and cfg.train_limit is not None and cfg.train_limit < len(tr):
+        gen = torch.Generator().manual_seed(provenance.SUBSET_SEED)
+        idx = torch.randperm(len(tr), generator=gen)[: cfg.train_limit]
+        tr = subset(tr, idx, f"train_limit={cfg.train_limit} (seeded)")
     if cfg.test_limit is not None and cfg.test_limit < len(test):
-        test = test.subset(torch.randperm(len(test), generator=gen)[: cfg.test_limit])
-    return _check_split(train, cfg, "train"), _check_split(test, cfg, "test")
+        gen = torch.Generator().manual_seed(provenance.SUBSET_SEED + 1)
+        idx = torch.randperm(len(test), generator=gen)[: cfg.test_limit]
+        test = subset(test, idx, f"test_limit={cfg.test_limit} (seeded)")
+    return (
+        None if tr is None else _check_split(tr, cfg, cfg.train_split),
+        _check_split(test, cfg, cfg.split),
+    )
 
 
 def make_centers(
@@ -156,13 +192,14 @@ def make_centers(
     what they are. NaN/Inf centers are refused (they train NaN heads that exit 0)."""
     device = device if device is not None else cfg.device
     if cfg.centers is None:
-        c = backbone.centers(dataset.class_names, dataset.templates or None).to(device)
+        info = dataset.info
+        c = backbone.centers(info.class_names, info.templates or None).to(device)
         validation.check_finite(
             c, f"the text centers backbone '{backbone.name}' computed for the class prompts"
         )
-        templates = list(dataset.templates) or "default"
+        templates = list(info.templates) or "default"
         return c, f"{c.shape[0]} text centers (templates: {templates})"
-    mc = for_classes(load_centers(cfg.centers), dataset.class_names).to(device)
+    mc = for_classes(load_centers(cfg.centers), dataset.info.class_names).to(device)
     split(mc, backbone.embed_dim)  # width check, with a clear error
     return mc, (
         f"{mc.centers.shape[0]} centers for {len(mc.class_names)} classes from {cfg.centers} "
@@ -241,17 +278,28 @@ def _run(
     )
     timings["load_backbone"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train, test = _datasets(cfg)
+    train, test = open_data(cfg, backbone)
     timings["load_data"] = time.perf_counter() - t0
-    modalities = cfg.modalities or tuple(m for m in test.modalities if m in backbone.modalities)
+    modalities = cfg.modalities or tuple(
+        m for m in test.info.modalities if m in backbone.modalities
+    )
     if not modalities:
         raise ValueError(
-            f"dataset '{test.name}' shares no modality with backbone "
+            f"dataset '{test.info.name}' shares no modality with backbone "
             f"'{backbone.name}' ({list(backbone.modalities)})"
         )
     centers, centers_note = make_centers(cfg, backbone, test, device)
     if main:
         folder.write_config()
+
+    calibrator = Calibrator(
+        backbone, centers, modalities, cfg.calib, out_dir=folder.path, device=device
+    )
+    # the training split's clean pass first: a bad file in it stops the run before any
+    # result is written (and calibration reuses the embeddings)
+    t0 = time.perf_counter()
+    calibrator.clean_embeddings(train, progress=progress and main)
+    timings["clean_embeddings"] = time.perf_counter() - t0
 
     if before is not None:
         timings["eval_before"] = 0.0
@@ -271,9 +319,6 @@ def _run(
         if main:
             runfolder.write_json(before_path, before.to_dict())
 
-    calibrator = Calibrator(
-        backbone, centers, modalities, cfg.calib, out_dir=folder.path, device=device
-    )
     t0 = time.perf_counter()
     heads = calibrator.fit(train, resume=resume, progress=progress)
     timings["calibrate"] = time.perf_counter() - t0
@@ -301,7 +346,7 @@ def _run(
         after=after,
         config=cfg.as_dict(),  # exactly the run's config: a report is a valid --config
         timings=timings,
-        dataset=test.name,
+        dataset=test.info.name,
     )
     rep["run"] = {"modalities": list(modalities), "centers": centers_note}
     rep["history"] = calibrator.history
@@ -325,6 +370,92 @@ def _sha_or_none(path: Path) -> str | None:
     return provenance.sha256_file(path, use_cache=False) if path.is_file() else None
 
 
+def evaluate_backbone(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Evaluate the frozen backbone of ``cfg`` alone (no calibration, no training split read)
+    and write the report into ``out_dir``; returns the report dict. Under torchrun the
+    evaluation is sharded and rank 0 writes."""
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"evaluate_backbone() needs a RunConfig, got {type(cfg).__name__}")
+    validation.check_device(cfg.device, "device")
+    runfolder.RunFolder(out_dir, {}).check_path()  # an --out that is a file: refused first
+    dist.init_from_env(cfg.device, cfg.dist_timeout)
+    device = dist.local_device(cfg.device)
+    t0 = time.perf_counter()
+    backbone = backbones.load(
+        cfg.backbone, checkpoint=cfg.checkpoint, device=device, progress=progress,
+        **cfg.backbone_kwargs,
+    )  # fmt: skip
+    _, test = open_data(cfg, backbone, train=False)
+    centers, note = make_centers(cfg, backbone, test, device)
+    return _evaluate_and_report(
+        cfg, backbone, test, centers, None, out_dir, device, progress, t0, {"centers": note}
+    )
+
+
+def evaluate_run(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    eval_overrides: Mapping | None = None,
+    progress: bool = True,
+) -> dict:
+    """Re-evaluate a finished run folder (frozen and calibrated, on the run's evaluation
+    data) and write the report into ``out_dir`` (default ``<run>/eval``);
+    ``eval_overrides`` changes fields of the run's evaluation protocol (``batch_size``,
+    ``workers``, ``amp``, another ``suite``, ...)."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir is not None else Path(path) / "eval"
+    runfolder.RunFolder(out_dir, {}).check_path()
+    r = load_run(path, device=device)
+    cfg = r.config
+    if eval_overrides:
+        cfg = cfg.replace(
+            eval=validation.build(EvalConfig, {**cfg.eval.as_dict(), **eval_overrides}, "eval")
+        )
+    dist.init_from_env(cfg.device, cfg.dist_timeout)
+    _, test = open_data(cfg, r.backbone, train=False)
+    extra = {"evaluated_run": str(path)}
+    rep = _evaluate_and_report(
+        cfg, r.backbone, test, r.centers, r.heads, out_dir, torch.device(cfg.device), progress,
+        t0, extra, heads_file=Path(path) / HEADS,
+    )  # fmt: skip
+    return rep
+
+
+def _evaluate_and_report(
+    cfg, backbone, test, centers, heads, out_dir, device, progress, t0, extra, heads_file=None
+) -> dict:
+    modalities = cfg.modalities or tuple(
+        m for m in test.info.modalities if m in backbone.modalities
+    )
+    kw = {"modalities": modalities, "config": cfg.eval, "device": device, "progress": progress}
+    before = evaluate(backbone, test, centers, None, **kw)
+    after = evaluate(backbone, test, centers, heads, **kw) if heads is not None else None
+    rep = report.build(
+        backbone=backbone.name,
+        backbone_params=backbone.num_params(),
+        trainable_params=heads.num_trainable() if heads is not None else 0,
+        before=before,
+        after=after,
+        config=cfg.as_dict(),
+        timings={"evaluate": time.perf_counter() - t0},
+        dataset=test.info.name,
+    )
+    rep["run"] = {"modalities": list(modalities), **extra}
+    rep["world_size"] = dist.world_size()
+    if dist.is_main():
+        rep["provenance"] = provenance.collect(
+            cfg, backbone=backbone, datasets={"test": test}, device=device,
+            world_size=dist.world_size(),
+        )  # fmt: skip
+        if heads_file is not None:
+            rep["provenance"]["heads_sha256"] = provenance.sha256_file(heads_file, use_cache=False)
+        report.write(rep, out_dir)
+    dist.barrier()
+    return rep
+
+
 @dataclass
 class Run:
     """A finished run, rebuilt: the frozen backbone, its calibrated heads and centers."""
@@ -342,10 +473,12 @@ class Run:
             self.backbone, modality, self.centers, head, self.config.calib.objective.tau
         ).eval()
 
-    def dataset(self, split: str = "test") -> MultiModalDataset:
-        train, test = _datasets(self.config)
+    def dataset(self, split: str = "test"):
+        """The run's evaluation data (``"test"``) or its calibration data (``"train"``), as
+        the run saw them (transforms, subsets and limits applied)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        train, test = open_data(self.config, self.backbone, train=split == "train")
         return train if split == "train" else test
 
 
@@ -380,6 +513,6 @@ def load_run(path: str | Path, device: str | torch.device | None = None) -> Run:
         cfg.backbone, checkpoint=cfg.checkpoint, device=cfg.device, **cfg.backbone_kwargs
     )
     heads = CalibrationHeads.load(path / HEADS, map_location=cfg.device)
-    test = load_dataset(cfg.data, split="test")
+    _, test = open_data(cfg, backbone, train=False)
     centers, _ = make_centers(cfg, backbone, test)
     return Run(path, cfg, backbone, heads, centers)

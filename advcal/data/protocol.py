@@ -127,6 +127,44 @@ class SampleSource(Dataset):
         return item
 
 
+class SampleSubset(SampleSource):
+    """``source`` restricted to ``indices`` (in that order), itself a source: labels, ids and
+    metadata without decoding, items decoded from ``source`` when read. Its fingerprint hashes
+    the source's with the indices, so two subsets never share a cache entry."""
+
+    def __init__(self, source: SampleSource, indices, note: str = "") -> None:
+        import dataclasses
+
+        self.source = source
+        self.indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        n = len(source)
+        if len(self.indices) and not (int(self.indices.min()) >= 0 and int(self.indices.max()) < n):
+            raise IndexError(f"subset indices out of range for a dataset of {n}")
+        self.labels = source.labels[self.indices]
+        self.ids = source.ids[self.indices]
+        info = source.info
+        self.info = dataclasses.replace(
+            info,
+            fingerprint=fingerprint(info.fingerprint, self.indices.tolist()),
+            extra={**info.extra, "subset": note or f"{len(self.indices)} of {n}"},
+        )
+
+    def _load(self, i: int) -> dict[str, torch.Tensor] | None:
+        j = int(self.indices[i])
+        inputs = self.source._load(j)
+        if inputs is None:
+            self._record_skip(i, self.source.skipped.get(j, "unreadable"))
+        return inputs
+
+
+def subset(source: SampleSource, indices, note: str = "") -> SampleSource:
+    """``source`` restricted to ``indices``: an in-memory dataset's own ``subset`` (a copy of
+    those rows), else a :class:`SampleSubset` view."""
+    if hasattr(source, "inputs") and hasattr(source, "subset"):  # MultiModalDataset
+        return source.subset(torch.as_tensor(indices, dtype=torch.long))
+    return SampleSubset(source, indices, note)
+
+
 @dataclass
 class Batch:
     """A collated batch: ``inputs[m]`` ``(B, *shape)``, ``labels``/``ids``/``index`` ``(B,)``."""
@@ -173,6 +211,25 @@ class Batch:
         )
 
 
+def check_batch(batch: Batch, info: DatasetInfo) -> None:
+    """A read batch at the loops' boundary: every floating input finite; the error names the
+    source, the split and the items (``batch.ids``), so a bad file is found."""
+    for m, x in batch.inputs.items():
+        if not x.is_floating_point():
+            raise ValueError(
+                f"dataset {info.source!r} ({info.split} split): inputs[{m!r}] has dtype "
+                f"{x.dtype}, not a floating type; the transform must give values in the valid "
+                "range"
+            )
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+        if bool(bad.any()):
+            items = batch.ids[bad.to(batch.ids.device)].tolist()[:5]
+            raise ValueError(
+                f"dataset {info.source!r} ({info.split} split): inputs[{m!r}] contains NaN or "
+                f"Inf (item ids {items})"
+            )
+
+
 def collate(samples: Sequence[dict]) -> Batch:
     """Stack sample dicts into a :class:`Batch` (every sample must carry the same modalities
     with the same shapes; a mismatch names the sample and the modality). Skipped items
@@ -216,4 +273,14 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()
 
 
-__all__ = ["TASKS", "Batch", "DatasetInfo", "SampleSource", "collate", "fingerprint"]
+__all__ = [
+    "TASKS",
+    "Batch",
+    "DatasetInfo",
+    "SampleSource",
+    "SampleSubset",
+    "check_batch",
+    "collate",
+    "fingerprint",
+    "subset",
+]
