@@ -520,7 +520,7 @@ def _retrieval(
     out: dict[str, dict] = {}
     anchor = modalities[0]
     ids = gathered[anchor]["ids"]
-    for m in modalities[1:]:
+    for m in modalities[1:] if len(ids) > 1 else ():  # one item: nothing to rank against
         q, g = gathered[anchor]["z_clean"], gathered[m]["z_clean"]
         out[f"{anchor}->{m}"] = {
             "clean": recall_at_k(q, g, ids, ids),
@@ -551,6 +551,7 @@ def _ranked_gallery(m, q, g, index, loader, clfs, protocols, cfg, device, show):
     proto = protocols[m]
     atk = RankAttack(
         _Embedder(clfs[m]),
+        loss="dlr" if comp.shape[1] >= 2 else "ce",  # a gallery of 2: one competitor
         spec=proto.spec,
         eps=proto.eps,
         steps=cfg.retrieval_steps,

@@ -30,8 +30,8 @@ class RankAttack(IterativeAttack):
         tau: the temperature of the ranking logits (the margins are what matter).
 
     Call ``atk(x, queries, competitors)``: ``queries`` ``(B, D)`` the paired clean queries,
-    ``competitors`` ``(B, C)`` each query's ``C >= 2`` highest cosine similarities to other
-    gallery items.
+    ``competitors`` ``(B, C)`` each query's ``C`` highest cosine similarities to other gallery
+    items (``C >= 2`` for DLR, ``>= 1`` for CE).
     """
 
     name = "rank"
@@ -60,10 +60,15 @@ class RankAttack(IterativeAttack):
             raise ValueError(
                 f"queries must be (B, D) with B={x.shape[0]}, got {tuple(queries.shape)}"
             )
-        if competitors.dim() != 2 or competitors.shape[0] != x.shape[0] or competitors.shape[1] < 2:
+        need = 2 if self.loss_name == "dlr" else 1  # DLR ranks three logits
+        if (
+            competitors.dim() != 2
+            or competitors.shape[0] != x.shape[0]
+            or competitors.shape[1] < need
+        ):
             raise ValueError(
-                f"competitors must be (B, C) with B={x.shape[0]} and C >= 2, got "
-                f"{tuple(competitors.shape)}"
+                f"competitors must be (B, C) with B={x.shape[0]} and C >= {need} for the "
+                f"{self.loss_name!r} loss, got {tuple(competitors.shape)}"
             )
         self._query = F.normalize(queries.float(), dim=-1)
         self._competitors = competitors.float()

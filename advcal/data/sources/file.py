@@ -26,28 +26,72 @@ from advcal.data.sources.tensors import NOT_APPLIED
 SPLITS = ("train", "test", "all")
 
 
+# safetensors dtype codes -> (torch dtype, bytes per element)
+_DTYPES = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+
+
+def _layout(path: Path) -> dict[str, tuple[torch.dtype, int, tuple[int, ...], int]]:
+    """``{tensor: (dtype, itemsize, shape, absolute byte offset)}`` from the file's header
+    (8-byte little-endian header length, then the JSON header, then the data)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, size = _DTYPES[t["dtype"]]
+        out[name] = (dtype, size, tuple(t["shape"]), 8 + n + t["data_offsets"][0])
+    return out
+
+
 class SafetensorsSource(SampleSource):
-    """Rows of an advcal dataset file, read lazily; the file handle is opened once per
-    process (DataLoader workers each open their own) and never pickled."""
+    """Rows of an advcal dataset file, read lazily: ``ds[i]`` reads exactly the bytes of row
+    ``i`` of each ``in.<modality>`` tensor with one ``pread`` (no memory map: a mapped file's
+    touched pages would stay in the process's resident memory, ~the file's size after one
+    epoch). The descriptor is opened once per process (DataLoader workers each open their
+    own) and never pickled."""
 
     def __init__(self, path: Path, info: DatasetInfo, rows: torch.Tensor, labels, ids) -> None:
         self.path, self.info, self.rows = path, info, rows
         self.labels, self.ids = labels, ids
-        self._handle: Any = None
+        self._layout = {m: _layout(path)[f"in.{m}"] for m in info.modalities}
+        self._fd: int | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None}
+        return {**self.__dict__, "_fd": None}
 
-    def _file(self) -> Any:
-        if self._handle is None:
-            from safetensors import safe_open
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
-            self._handle = safe_open(str(self.path), "pt")
-        return self._handle
+    def _read(self, m: str, r: int) -> torch.Tensor:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        dtype, size, shape, start = self._layout[m]
+        count = 1
+        for d in shape[1:]:
+            count *= d
+        nbytes = count * size
+        buf = bytearray(os.pread(self._fd, nbytes, start + r * nbytes))
+        if len(buf) != nbytes:
+            raise DataSourceError(f"{self.path}: row {r} of in.{m} is truncated")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape[1:])
 
     def _load(self, i: int) -> dict[str, torch.Tensor]:
-        f, r = self._file(), int(self.rows[i])
-        return {m: f.get_slice(f"in.{m}")[r : r + 1][0] for m in self.info.modalities}
+        r = int(self.rows[i])
+        return {m: self._read(m, r) for m in self.info.modalities}
 
 
 def open_source(args: OpenArgs, **options) -> SampleSource:
