@@ -589,7 +589,8 @@ class Calibrator:
                 [torch.as_tensor(sums[k], dtype=torch.float64).cpu() for k in names]
             )
             dist.all_reduce_mean_(means)
-            means = means * world / steps_per_epoch  # per-rank sums of global-batch shares
+            # each rank logged world x its share of the global-batch mean: their mean is it
+            means = means / steps_per_epoch
             self.history.append(
                 {
                     "epoch": epoch + 1,

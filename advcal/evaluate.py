@@ -449,7 +449,8 @@ def _evaluate_batch(m, batch: Batch, clf, proto: _Protocol, rec, counts, seconds
     add("clean_top1", topk_correct(logits, y, 1))
     add("clean_top5", topk_correct(logits, y, 5))
     add("z_clean", z.float())
-    res = proto.main.run(x, y)
+    keys = batch.index.cpu()  # every draw keyed by the sample: results independent of batching
+    res = proto.main.run(x, y, keys)
     for k, v in res.seconds.items():
         seconds[k] = seconds.get(k, 0.0) + v
     for label, robust in res.after.items():
@@ -469,15 +470,15 @@ def _evaluate_batch(m, batch: Batch, clf, proto: _Protocol, rec, counts, seconds
         count("black_box_broke", int((prior & ~res.after[bb]).sum()))
     for name, suite in proto.compare.items():
         t0 = time.perf_counter()
-        add(f"compare:{name}", suite.run(x, y).robust)
+        add(f"compare:{name}", suite.run(x, y, keys).robust)
         tick(f"compare:{name}", t0)
     t0 = time.perf_counter()
-    add("weak_top1", proto.weak.run(x, y).robust)
+    add("weak_top1", proto.weak.run(x, y, keys).robust)
     tick("weak", t0)
     t0 = time.perf_counter()
     for mult, suite in proto.sweep.items():
-        add(f"sweep:{mult:g}", res.robust if suite is None else suite.run(x, y).robust)
-    add("large_eps_top1", proto.large.run(x, y).robust)
+        add(f"sweep:{mult:g}", res.robust if suite is None else suite.run(x, y, keys).robust)
+    add("large_eps_top1", proto.large.run(x, y, keys).robust)
     tick("sweep", t0)
 
 
@@ -568,7 +569,7 @@ def _ranked_gallery(m, q, g, index, loader, clfs, protocols, cfg, device, show):
             continue
         batch = batch.to(device, float_dtype=torch.float32)
         rows = torch.tensor([pos[int(i)] for i in batch.index.tolist()], device=q.device)
-        xa = atk(batch.inputs[m], q[rows], comp[rows])
+        xa = atk(batch.inputs[m], q[rows], comp[rows], keys=batch.index.cpu())
         with torch.no_grad():
             adv.append(_Embedder(clfs[m])(xa).float())
         where.append(rows)

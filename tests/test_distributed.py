@@ -75,6 +75,56 @@ def test_torchrun_two_processes(tmp_path, env):
     assert not (tmp_path / "run" / ".advcal.lock").exists()
 
 
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path, env):
+    """The same global batches and seed: heads of 2 ranks equal one process's within 1e-5,
+    and every evaluation number is identical (each rank attacks its shard with per-sample
+    keyed randomness; InfoNCE contrasts the global batch; losses are global-batch means)."""
+    from safetensors.torch import load_file
+
+    config = {**runkit.TINY, "train_limit": 60, "test_limit": 30}
+    config["calib"] = {**config["calib"], "batch_size": 20, "epochs": 2}
+    config["eval"] = {
+        "suite": ["apgd-ce:3", "apgd-t:3", "square:30"],
+        "compare": [],
+        "sweep": [0.5, 1.0],
+        "sweep_suite": ["apgd-ce:2"],
+        "weak": ["pgd:2"],
+        "retrieval_steps": 2,
+        "batch_size": 8,
+    }
+    cfg = runkit.write_config(tmp_path / "run.json", config)
+    one = [sys.executable, "-m", "advcal.cli", "calibrate", "--config", str(cfg), "--quiet"]
+    two = [*TORCHRUN, "-m", "advcal.cli", "calibrate", "--config", str(cfg), "--quiet"]
+    for name, cmd in (("one", one), ("two", two)):
+        proc = subprocess.run(
+            [*cmd, "--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
+            timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    h1 = load_file(str(tmp_path / "one" / "heads.safetensors"))
+    h2 = load_file(str(tmp_path / "two" / "heads.safetensors"))
+    assert h1.keys() == h2.keys()
+    moved = max(float(v.abs().max()) for v in h1.values())
+    assert moved > 1e-3, "the heads trained (the comparison would be empty otherwise)"
+    for k in h1:
+        torch.testing.assert_close(h2[k], h1[k], rtol=0, atol=1e-5, msg=k)
+    r1, r2 = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "two"))
+    assert r2["world_size"] == 2 and r1["world_size"] == 1
+    for m in r1["modalities"]:
+        a, b = r1["modalities"][m], r2["modalities"][m]
+        for k in ("clean_top1", "robust_top1", "robust_top5", "attacks", "weak_top1", "sweep"):
+            assert a[f"{k}_before"] == b[f"{k}_before"], (m, k, "before")
+            assert a[f"{k}_after"] == b[f"{k}_after"], (m, k, "after")
+    assert r1["retrieval"] == r2["retrieval"]
+    h1_hist = [{k: v for k, v in h.items() if k != "epoch"} for h in r1["history"]]
+    h2_hist = [{k: v for k, v in h.items() if k != "epoch"} for h in r2["history"]]
+    for a, b in zip(h1_hist, h2_hist, strict=True):
+        for k in a:
+            if isinstance(a[k], float):
+                assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
+
+
 def _children(pid: int) -> dict[int, dict[str, str]]:
     """pid -> environment of every direct child of ``pid`` (Linux /proc)."""
     out = {}

@@ -180,3 +180,17 @@ def test_weak_top1_is_the_worst_case_of_the_training_strength_attacks(toy):
         bb, ds, centers, config=EvalConfig(**{**base, "weak": ("pgd:5",)}), progress=False
     )
     assert both.modalities["vec"].weak_top1 <= pgd_only.modalities["vec"].weak_top1
+
+
+def test_results_do_not_depend_on_the_batch_split(toy):
+    """Every random draw is keyed by the sample, so a sample's attacks (random starts, Square's
+    windows, the ranking attack) are the same whatever batch or torchrun rank it is in."""
+    bb, centers, ds = toy
+    a = evaluate(bb, ds, centers, config=EvalConfig(**{**CHEAP, "batch_size": 40}), progress=False)
+    b = evaluate(bb, ds, centers, config=EvalConfig(**{**CHEAP, "batch_size": 13}), progress=False)
+    for m in ("img", "vec"):
+        ra, rb = a.modalities[m], b.modalities[m]
+        for f in ("clean_top1", "robust_top1", "robust_top5", "attacks", "compare", "weak_top1"):
+            assert getattr(ra, f) == getattr(rb, f), (m, f)
+        assert ra.broken_by == rb.broken_by and ra.sweep == rb.sweep
+    assert a.retrieval == b.retrieval

@@ -91,16 +91,33 @@ class Attack:
             e = eps.get(m, s.eps) if isinstance(eps, Mapping) else (s.eps if eps is None else eps)
             self.targets[m] = Target(mod, s, s.check_eps(e, f"eps for {m!r}" if m else "eps"))
         self.seed = seed
+        self._keys: torch.Tensor | None = None
 
     # -- public call --------------------------------------------------------------------
-    def __call__(self, x, y: torch.Tensor):
-        """Adversarial examples for ``x`` (a tensor, or a dict for a dict of models)."""
+    def __call__(self, x, y: torch.Tensor, *, keys: torch.Tensor | None = None):
+        """Adversarial examples for ``x`` (a tensor, or a dict for a dict of models).
+
+        ``keys`` (optional, ``(B,)`` int64, e.g. dataset indices): every random draw of
+        sample ``i`` comes from a generator seeded by ``(seed, keys[i])``, so a sample's attack
+        does not depend on which batch, or which torchrun rank, it lands in."""
         xs = x if self.multi else {"": x}
         self._validate(xs, y)
+        if keys is not None and (not isinstance(keys, torch.Tensor) or keys.shape != (len(y),)):
+            raise ValueError(f"keys must be a ({len(y)},) int64 tensor, one per sample")
+        self._keys = None if keys is None else keys.detach().to(torch.int64).cpu()
         models = [t.model for t in self.targets.values()]
-        with nvtx_range(f"attack/{self.name}"), eval_mode(models), frozen_params(models):
-            out = self._run({m: xs[m].detach() for m in self.targets}, y)
+        try:
+            with nvtx_range(f"attack/{self.name}"), eval_mode(models), frozen_params(models):
+                out = self._run({m: xs[m].detach() for m in self.targets}, y)
+        finally:
+            self._keys = None
         return out if self.multi else out[""]
+
+    def _keyed(self, key: int, salt: int, device="cpu") -> torch.Generator:
+        """The generator of sample ``key``'s draws (``salt`` separates independent uses)."""
+        return torch.Generator(device=device).manual_seed(
+            (self.seed * 1_000_003 + key * 7919 + salt) % (2**62)
+        )
 
     def _validate(self, xs, y) -> None:
         if not isinstance(xs, Mapping) or set(xs) != set(self.targets):

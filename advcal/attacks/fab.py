@@ -153,21 +153,28 @@ class FAB(Attack):
                 first += per
                 pos = live.repeat_interleave(per)
                 tt = targets[live][:, cols].reshape(-1)
-                self._pass(model, x, y, pos, tt, res, out, gen, restart > 0)
+                self._pass(model, x, y, pos, tt, res, out, gen, restart > 0, salt=restart)
         return {"": out}
 
-    def _pass(self, model, x, y, pos, tt, res, out, gen, random_start: bool) -> None:
+    def _pass(self, model, x, y, pos, tt, res, out, gen, random_start: bool, salt: int = 0):
         t = self.targets[""]
         x0, yy = x[pos], y[pos]
         xc = x0.clone()
         if random_start:  # inside half the smallest distance found so far (AutoAttack)
             r = torch.minimum(res[pos], torch.full_like(res[pos], t.eps)).clamp(max=t.eps)
+            draw = torch.rand if t.norm == "linf" else torch.randn
+            if self._keys is None:
+                u = draw(x0.shape, generator=gen, device=x.device)
+            else:  # per sample, from its key (independent of the batch)
+                u = torch.stack(
+                    [
+                        draw(x0.shape[1:], generator=self._keyed(int(self._keys[p]), salt))
+                        for p in pos.tolist()
+                    ]
+                ).to(x.device)
             if t.norm == "linf":
-                u = 2 * torch.rand(x0.shape, generator=gen, device=x.device) - 1
-                u = u / bcast(norms(u, "linf").clamp_min(1e-12), u)
-            else:
-                u = torch.randn(x0.shape, generator=gen, device=x.device)
-                u = u / bcast(norms(u, "l2").clamp_min(1e-12), u)
+                u = 2 * u - 1
+            u = u / bcast(norms(u, t.norm).clamp_min(1e-12), u)
             xc = self._clamp(x0 + 0.5 * bcast(r, u) * u)
         flat = x0.reshape(len(pos), -1)
         for _ in range(self.steps):

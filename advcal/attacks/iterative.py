@@ -174,25 +174,6 @@ class IterativeAttack(Attack):
             )
         self._graphs: dict[tuple, _CapturedStep] = {}
         self._pool = None
-        self._keys: torch.Tensor | None = None
-
-    def __call__(self, x, y: torch.Tensor, *, keys: torch.Tensor | None = None):
-        """Adversarial examples for ``x``. ``keys`` (optional, ``(B,)`` int64): every random
-        draw of sample ``i`` (its random start, its sampled target) comes from a generator
-        seeded by ``(seed, keys[i])``, so a sample's attack does not depend on which batch, or
-        which torchrun rank, it lands in (slower: one draw per sample)."""
-        if keys is not None and (not isinstance(keys, torch.Tensor) or keys.shape != (len(y),)):
-            raise ValueError(f"keys must be a ({len(y)},) int64 tensor, one per sample")
-        self._keys = None if keys is None else keys.to(torch.int64).cpu()
-        try:
-            return super().__call__(x, y)
-        finally:
-            self._keys = None
-
-    def _keyed(self, key: int, salt: int, device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed(
-            (self.seed * 1_000_003 + key * 7919 + salt) % (2**62)
-        )
 
     # -- the objective ------------------------------------------------------------------
     @property

@@ -55,7 +55,14 @@ class RankAttack(IterativeAttack):
         self._query: torch.Tensor | None = None
         self._competitors: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, queries: torch.Tensor, competitors: torch.Tensor):
+    def __call__(
+        self,
+        x: torch.Tensor,
+        queries: torch.Tensor,
+        competitors: torch.Tensor,
+        *,
+        keys: torch.Tensor | None = None,
+    ):
         if queries.dim() != 2 or queries.shape[0] != x.shape[0]:
             raise ValueError(
                 f"queries must be (B, D) with B={x.shape[0]}, got {tuple(queries.shape)}"
@@ -74,7 +81,7 @@ class RankAttack(IterativeAttack):
         self._competitors = competitors.float()
         try:
             y = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-            return super().__call__(x, y)
+            return super().__call__(x, y, keys=keys)
         finally:
             self._query = self._competitors = None
 

@@ -102,7 +102,6 @@ class Square(Attack):
         n = len(y)
         if n == 0:
             return {"": x.clone()}
-        gen = self._generator(y.device)
         shape, transpose = _layout(tuple(x.shape[1:]))
 
         def to_cs(v: torch.Tensor) -> torch.Tensor:  # (R, *input) -> (R, C, *spatial)
@@ -120,28 +119,31 @@ class Square(Attack):
             return losses.margin(predict(model, from_cs(v)), yy)
 
         c, spatial = shape[0], shape[1:]
+        stripes_u, query_u = self._draws(n, c, spatial, x.device)
         base = to_cs(x).clone()
         # vertical stripes: one sign per (channel, column) over the last spatial dim
-        stripes = _signs(gen, (n, c, *([1] * (len(spatial) - 1)), spatial[-1]), x.device)
+        stripes = (stripes_u < 0.5).float().mul_(2).sub_(1)
+        stripes = stripes.view(n, c, *([1] * (len(spatial) - 1)), spatial[-1])
         best = clamp(base + eps * stripes)
         best_loss = score(best, y)
         live = torch.arange(n, device=x.device)
-        fooled = best_loss > 0
         if self.early_stop:
-            live = live[~fooled]
+            live = live[best_loss <= 0]
         area = math.prod(spatial)
         for i in range(1, self.queries):
             if len(live) == 0:
                 break
             p = p_schedule(self.p_init, i, self.queries)
+            u = query_u[live, i - 1]  # (R, 2 + C): window start(s), then one sign per channel
             if len(spatial) == 2:
                 h, w = spatial
                 s = min(max(round(math.sqrt(p * area)), 1), max(min(h, w) - 1, 1))
-                mask = _window(gen, len(live), (h, w), s, x.device)
             else:
                 s = min(max(round(p * area), 1), max(area - 1, 1))
-                mask = _window(gen, len(live), (area,), s, x.device)
-            signs = _signs(gen, (len(live), c, *([1] * len(spatial))), x.device)
+            mask = _window(u[:, : len(spatial)], spatial, s)
+            signs = (
+                (u[:, 2:] < 0.5).float().mul_(2).sub_(1).view(len(live), c, *([1] * len(spatial)))
+            )
             cand = torch.where(mask[:, None], clamp(base[live] + eps * signs), best[live])
             loss = score(cand, y[live])
             better = loss > best_loss[live]
@@ -152,20 +154,37 @@ class Square(Attack):
                 live = live[best_loss[live] <= 0]
         return {"": from_cs(best)}
 
+    def _draws(self, n: int, c: int, spatial, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every uniform number each sample's search uses, drawn up front per row: the
+        stripes ``(n, C * W)`` and, per query, ``(n, queries - 1, 2 + C)`` (window starts,
+        signs). With keys, row ``i``'s come from its own generator: a sample's search does not
+        depend on its batch."""
+        width, per_query = c * spatial[-1], 2 + c
+        if self._keys is None:
+            g = self._generator(device)
+            stripes = torch.rand((n, width), generator=g, device=device)
+            queries = torch.rand((n, self.queries - 1, per_query), generator=g, device=device)
+            return stripes, queries
+        stripes, queries = [], []
+        for key in self._keys.tolist():
+            g = self._keyed(int(key), 0)
+            stripes.append(torch.rand(width, generator=g))
+            queries.append(torch.rand((self.queries - 1, per_query), generator=g))
+        return torch.stack(stripes).to(device), torch.stack(queries).to(device)
+
     def describe(self) -> dict:
         return {**super().describe(), "queries": self.queries, "p_init": self.p_init}
 
 
-def _signs(gen: torch.Generator, shape, device) -> torch.Tensor:
-    return torch.randint(0, 2, shape, generator=gen, device=device).float().mul_(2).sub_(1)
-
-
-def _window(gen: torch.Generator, rows: int, spatial: tuple[int, ...], s: int, device):
-    """``(rows, *spatial)`` bool: one random ``s``-wide window (square or segment) per row."""
+def _window(u: torch.Tensor, spatial: tuple[int, ...], s: int) -> torch.Tensor:
+    """``(R, *spatial)`` bool: per row, an ``s``-wide window (square or segment) starting at
+    ``floor(u_d * (size_d - s + 1))`` along each spatial dim ``d`` (``u`` ``(R, len(spatial))``
+    uniform in [0, 1))."""
+    rows = len(u)
     mask = None
     for d, size in enumerate(spatial):
-        start = torch.randint(0, size - s + 1, (rows,), generator=gen, device=device)
-        ar = torch.arange(size, device=device)
+        start = (u[:, d] * (size - s + 1)).long().clamp(max=size - s)
+        ar = torch.arange(size, device=u.device)
         m = (ar >= start[:, None]) & (ar < start[:, None] + s)  # (rows, size)
         view = [rows] + [1] * len(spatial)
         view[1 + d] = size

@@ -237,7 +237,11 @@ class AttackSuite:
     def describe(self) -> list[dict]:
         return [{**asdict(s), "label": s.label} for s in self._built_specs()]
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> SuiteResult:
+    def run(
+        self, x: torch.Tensor, y: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> SuiteResult:
+        """Attack the batch ``(x, y)``; ``keys`` (e.g. dataset indices) key every random draw
+        per sample, so a sample's result does not depend on its batch."""
         logits = predict(self.model, x)
         clean = logits.argmax(1) == y
         robust = clean.clone()
@@ -247,7 +251,8 @@ class AttackSuite:
             live = robust.nonzero().squeeze(1)
             t0 = time.perf_counter()
             if len(live):
-                xa = atk(x[live], y[live])
+                k = None if keys is None else keys[live.to(keys.device)]
+                xa = atk(x[live], y[live], keys=k)
                 self._verify(label, xa, x[live])
                 fooled = predict(self.model, xa).argmax(1) != y[live]
                 worst[live] = xa  # survivors keep the attack's strongest example
