@@ -138,17 +138,15 @@ def save_centers(
     if int(lab.min()) < 0 or int(lab.max()) >= k:
         raise ValueError(f"labels must lie in [0, {k}) for {k} class names")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(
-        {"centers": c.contiguous().cpu(), "labels": lab.contiguous().cpu()},
-        str(tmp),
-        metadata={
-            "format": CENTERS_FORMAT,
-            "class_names": json.dumps(list(class_names)),
-            "source": source,
-        },
-    )
-    tmp.replace(path)
+    from advcal import runfolder  # unique temp name, fsync, removed on any failure
+
+    tensors = {"centers": c.contiguous().cpu(), "labels": lab.contiguous().cpu()}
+    meta = {
+        "format": CENTERS_FORMAT,
+        "class_names": json.dumps(list(class_names)),
+        "source": source,
+    }
+    runfolder.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 

@@ -381,9 +381,10 @@ class MiniBind(Backbone):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": self.config.to_json()})
-        os.replace(tmp, path)
+        meta = {"format": FORMAT, "config": self.config.to_json()}
+        from advcal import runfolder  # unique temp name, fsync, removed on any failure
+
+        runfolder.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return path
 
     @classmethod
@@ -437,7 +438,7 @@ def pretrain(
     ``~ U(0, config.sigma(m))``, input clamped back to its valid range. All modalities share
     the batch order (they are paired) and one AdamW optimiser with a cosine learning rate.
     """
-    from tqdm.auto import tqdm
+    from advcal import progress as _progress
 
     config = config or MiniBindConfig()
     if dataset is None:
@@ -468,11 +469,10 @@ def pretrain(
         )
         hist = _History({m: [] for m in config.modalities})
         t0 = time.perf_counter()
-        bar = tqdm(
+        bar = _progress.bar(
             total=config.epochs * steps_per_epoch,
             desc=f"pretraining minibind ({len(config.modalities)} modalities)",
-            disable=not progress,
-            leave=False,
+            enabled=progress,
         )
         for _ in range(config.epochs):
             for idx in dataset.batches(config.batch_size, shuffle=True, generator=g):

@@ -185,10 +185,9 @@ def save(
         "name": dataset.name,
         "templates": json.dumps(list(dataset.templates)),
     }
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    from advcal import runfolder  # unique temp name, fsync, removed on any failure
+
+    runfolder.write_with(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def save_splits(path: str | Path, train: MultiModalDataset, test: MultiModalDataset) -> None:
