@@ -191,6 +191,8 @@ def make_centers(
     """The run's fixed centers on ``device`` (default ``cfg.device``), and a line saying
     what they are. NaN/Inf centers are refused (they train NaN heads that exit 0)."""
     device = device if device is not None else cfg.device
+    if dataset.info.task == "retrieval":  # no classes: the captions are the text side
+        return None, "no centers: a retrieval dataset (caption queries, text -> modality R@K)"
     if cfg.centers is None:
         info = dataset.info
         c = backbone.centers(info.class_names, info.templates or None).to(device)
@@ -279,6 +281,13 @@ def _run(
     timings["load_backbone"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     train, test = open_data(cfg, backbone)
+    if train.info.task == "retrieval":
+        raise ConfigError(
+            f"data {cfg.data!r}: calibration trains against class centers, and split "
+            f"{cfg.train_split!r} is a retrieval set (captions, no classes); calibrate on a "
+            "classification split (MSR-VTT: ?task=category) and evaluate the run's heads on "
+            "the retrieval split with advcal evaluate"
+        )
     timings["load_data"] = time.perf_counter() - t0
     modalities = cfg.modalities or tuple(
         m for m in test.info.modalities if m in backbone.modalities

@@ -198,8 +198,23 @@ def summary(report: dict, out: Path | str, seconds: float) -> str:
     if not_run:
         checks += f" ({len(not_run)} not run: {', '.join(not_run)})"
     data = report.get("data") or {}
+    first = table(report)
+    if not report["modalities"]:  # a retrieval set: the R@K table is the result
+        first = "\n".join(
+            [
+                "| query -> gallery | gallery | before R@1/5/10 | after R@1/5/10 |",
+                "|---|---|---|---|",
+            ]
+            + [
+                f"| {pair} | {kind} | {' / '.join(_pct(v) for v in r['before'][kind].values())} | "
+                + (" / ".join(_pct(v) for v in r["after"][kind].values()) if r["after"] else "-")
+                + " |"
+                for pair, r in report["retrieval"].items()
+                for kind in ("clean", "adv")
+            ]
+        )
     lines = [
-        table(report),
+        first,
         "",
         f"robust = worst case over the {_suite_text(report['config']['eval'])} suite, "
         f"{data.get('n', '?')} of {data.get('of', '?')} {data.get('split', '')} samples"
@@ -314,6 +329,8 @@ def plot(report: dict, path: Path) -> bool:
         )
         return False
     mods = report["modalities"]
+    if not mods:  # a retrieval-only evaluation: no eps sweep to plot
+        return False
     cols = min(4, len(mods))
     rows = (len(mods) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)

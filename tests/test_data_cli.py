@@ -146,6 +146,26 @@ def test_evaluate_and_calibrate_on_each_official_layout(env, name, capsys):
     capsys.readouterr()
 
 
+def test_msrvtt_text_to_video_retrieval(env, capsys):
+    """MSR-VTT's 1k-A split as what it is, a retrieval set: caption queries, the video
+    gallery clean and under the ranking attack; calibration on it is refused by name."""
+    root = env / "msrvtt-retrieval"
+    miniature.make_msrvtt(root)
+    toml = str(env / "tiny.toml")
+    out = env / "msrvtt-retrieval-eval"
+    argv = ["evaluate", "--config", toml, "--data", f"msrvtt:{root}", "--split", "test"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    rep = _report(out)
+    assert rep["modalities"] == {} and rep["data"]["task"] == "retrieval"
+    r = rep["retrieval"]["text->video"]["before"]
+    assert set(r) == {"clean", "adv"}
+    assert all(r["adv"][k] <= r["clean"][k] + 1e-9 for k in r["clean"])
+    rc = main(["calibrate", "--config", toml, "--data", f"msrvtt:{root}", "--quiet",
+               "--train-split", "test", "--out", str(env / "msrvtt-retrieval-run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "retrieval set" in err and "task=category" in err
+
+
 def test_corrupt_file_is_named_or_skipped_and_counted(env, capsys):
     root = env / "corrupt"
     miniature.make_imagenet(root, "folders")
