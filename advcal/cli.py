@@ -30,7 +30,7 @@ def _demo_config(quick: bool):
                     "suite": ["apgd-ce:5"],
                     "compare": [],
                     "sweep_suite": ["pgd:3"],
-                    "weak": ["pgd:3", "crossmaxim:3"],
+                    "weak": ["apgd-ce:3", "apgd-t:3"],
                     "retrieval_steps": 5,
                 },
             }

@@ -72,9 +72,10 @@ class EvalConfig:
     eps_scale: float = 1.0  # evaluate at eps_scale x each modality's default eps
     sweep: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # multiples of the modality's eps
     sweep_suite: str | tuple[str | AttackSpec, ...] = "fast"  # the sweep and the large eps
-    # the training-strength attacks of the masking checks (PGD family, step weak_alpha_ratio x
-    # eps, per-sample worst case): PGD-10 on CE and CrossMaxim-10, as calibration trains on
-    weak: tuple[str, ...] = ("pgd:10", "crossmaxim:10")
+    # the masking checks' short attacks: the suite's gradient attacks at 10 steps (their
+    # per-sample worst case); more steps must not find less, nor much more (masked gradients).
+    # PGD-family entries step weak_alpha_ratio x eps.
+    weak: tuple[str | AttackSpec, ...] = ("apgd-ce:10", "apgd-t:10")
     weak_alpha_ratio: float = 0.5
     large_eps_multiplier: float = 16.0
     large_eps_max_acc: float = 0.05
@@ -98,10 +99,13 @@ class EvalConfig:
         resolve(self.sweep_suite)
         for name in self.compare:
             resolve(name)
+        object.__setattr__(self, "weak", _normalise(self.weak))
         for w in self.weak:
-            s = AttackSpec.parse(w)
-            if not s.name.startswith(("pgd", "crossmaxim")):
-                raise ValueError(f"EvalConfig.weak: {w!r} is not a PGD-family attack")
+            if w.name in BLACK_BOX:
+                raise ValueError(
+                    f"EvalConfig.weak: {w.label} is a black-box attack; the masking checks "
+                    "compare gradient attacks"
+                )
         for name in ("batch_size", "max_rows", "retrieval_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -255,7 +259,9 @@ class _Protocol:
             for name in cfg.compare
         }
         weak = [
-            AttackSpec(**{**asdict(AttackSpec.parse(w)), "alpha_ratio": cfg.weak_alpha_ratio})
+            AttackSpec(**{**asdict(w), "alpha_ratio": cfg.weak_alpha_ratio})
+            if w.name.startswith(("pgd", "crossmaxim")) and w.alpha_ratio is None
+            else w
             for w in cfg.weak
         ]
         self.weak = AttackSuite(clf, weak, eps=self.eps, seed=cfg.seed + 100, **kw)

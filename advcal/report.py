@@ -195,8 +195,12 @@ def summary(report: dict, out: Path | str, seconds: float) -> str:
     failed = [k for k, v in report["sanity"].items() if v is False]
     not_run = report.get("sanity_not_run") or []
     checks = "all passed" if not failed else "FAILED: " + ", ".join(failed)
-    if not_run:
-        checks += f" ({len(not_run)} not run: {', '.join(not_run)})"
+    if not_run:  # grouped by check: "black_box_not_better x14"
+        names: dict[str, int] = {}
+        for k in not_run:
+            name = k.split(".")[1] if k.count(".") >= 2 else k
+            names[name] = names.get(name, 0) + 1
+        checks += " (not run: " + ", ".join(f"{k} x{v}" for k, v in names.items()) + ")"
     data = report.get("data") or {}
     first = table(report)
     if not report["modalities"]:  # a retrieval set: the R@K table is the result

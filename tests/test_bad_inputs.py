@@ -313,8 +313,8 @@ API_CASES += [
 API_CASES += [
     ("eval-suite-int", _eval(suite=3), "EvalConfig.suite must be"),
     ("eval-suite-nope", _eval(suite=["nope:3"]), "nope"),
-    ("eval-weak-str", _eval(weak="pgd:10"), "EvalConfig.weak must be a list of str"),
-    ("eval-weak-apgd", _eval(weak=["apgd-ce:10"]), "is not a PGD-family attack"),
+    ("eval-weak-str", _eval(weak="pgd:10"), "EvalConfig.weak must be a list of"),
+    ("eval-weak-square", _eval(weak=["square:10"]), "is a black-box attack"),
     ("eval-workers-neg", _eval(workers=-1), "EvalConfig.workers must be >= 0"),
     ("eval-samples-0", _eval(samples=0), "EvalConfig.samples must be >= 1"),
     ("eval-samples-float", _eval(samples=1.5), "EvalConfig.samples must be an int, or None"),

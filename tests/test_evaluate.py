@@ -158,8 +158,8 @@ def test_evaluate_bad_inputs(toy):
         EvalConfig(suite=("fgsm",))
     with pytest.raises(ValueError, match="unknown suite"):
         EvalConfig(suite="strongest")
-    with pytest.raises(ValueError, match="not a PGD-family attack"):
-        EvalConfig(weak=("apgd-t",))
+    with pytest.raises(ValueError, match="is a black-box attack"):
+        EvalConfig(weak=("square:100",))
     with pytest.raises(ValueError, match="unknown modality"):
         evaluate(bb, ds, centers, modalities=["audio"], progress=False)
     with pytest.raises(ValueError, match="centers must be"):
