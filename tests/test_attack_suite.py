@@ -312,3 +312,48 @@ def test_square_layouts_and_schedule():
     assert p_schedule(0.8, 20, 5000) == 0.4  # past 0.1% of the queries
     assert p_schedule(0.8, 100, 5000) == 0.2  # past 1%
     assert p_schedule(0.8, 4999, 5000) == pytest.approx(0.8 / 512)
+
+
+def _linf_step_brute(p, w, c, lo, hi):
+    """The smallest L-inf step onto ``w.d = c`` inside ``[lo, hi]``, one row at a time by a
+    full sort of the rooms (the textbook way), for checking :func:`hyperplane_step`."""
+    out = []
+    for pr, wr, cr in zip(p.double(), w.double(), c.double(), strict=True):
+        direction = torch.sign(cr) * torch.sign(wr)
+        room = torch.where(direction > 0, hi - pr, pr - lo).clamp_min(0)
+        room = torch.where(direction == 0, torch.zeros_like(room), room)
+        a, target = wr.abs(), cr.abs()
+        t, done = float("inf"), False
+        rs, order = room.sort()
+        acc, slope = 0.0, float(a.sum())
+        prev = 0.0
+        for r, ai in zip(rs.tolist(), a[order].tolist(), strict=True):
+            if acc + slope * (r - prev) >= target:  # reached inside [prev, r]
+                t, done = prev + (float(target) - acc) / slope, True
+                break
+            acc += slope * (r - prev)
+            slope -= ai
+            prev = r
+        out.append(direction * torch.minimum(torch.tensor(t, dtype=torch.float64), room) if done
+                   else direction * room)  # fmt: skip
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("saturated", [0.0, 0.3])
+def test_fab_linf_step_is_the_exact_minimum(saturated):
+    from advcal.attacks.fab import hyperplane_step
+
+    g = torch.Generator().manual_seed(1)
+    p = torch.rand(40, 300, generator=g)
+    sat = torch.rand(40, 300, generator=g) < saturated
+    p = torch.where(sat, (torch.rand(40, 300, generator=g) > 0.5).float(), p)
+    w = torch.randn(40, 300, generator=g)
+    w[:, :10] = 0  # coordinates the hyperplane does not see
+    c = torch.randn(40, generator=g) * torch.linspace(0.1, 40, 40)  # up to unreachable
+    ours = hyperplane_step(p, w, c, 0.0, 1.0, "linf")
+    ref = _linf_step_brute(p, w, c, 0.0, 1.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    reach = (w * ours).sum(1)
+    ok = (reach - c).abs() <= 1e-3 * c.abs().clamp_min(1)
+    saturated_rows = (ours.abs().amax(1) > 0) & ~ok
+    assert ok.any() and (ok | saturated_rows).all()

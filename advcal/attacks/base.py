@@ -233,6 +233,8 @@ def eval_mode(models):
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     """Logits ``(B, K)`` fp32 in chunks, without autograd."""
     with torch.no_grad():
+        if len(x) <= batch:  # the common case: no split, no concatenation
+            return model(x).float()
         return torch.cat([model(x[i : i + batch]).float() for i in range(0, len(x), batch)])
 
 

@@ -338,7 +338,7 @@ class MiniBind(Backbone):
         pretraining) are untouched. Any change to them (``to``, ``load_state_dict``) drops
         the folded copies."""
         cache = self.__dict__.setdefault("_folded", {})
-        key = (modality, x.device, self.encoders[modality].parameters().__next__().dtype)
+        key = (modality, x.device)  # a dtype change goes through _apply, which drops them
         if key not in cache:
             enc = fold_batchnorm(copy.deepcopy(self.encoders[modality]))
             cache[key] = enc.to(x.device).eval().requires_grad_(False)
