@@ -8,13 +8,26 @@ Quick tour::
     centers = backbone.centers(train.class_names, train.templates)
     cal = advcal.Calibrator(backbone, centers, train.modalities, advcal.CalibConfig(epochs=5))
     heads = cal.fit(train)
-    result = advcal.evaluate(backbone, advcal.data.load_dataset("digits", "test"), centers, heads)
+    test = advcal.data.open("digits", "test")
+    result = advcal.evaluate(backbone, test, centers, heads, config=advcal.EvalConfig(samples=100))
+    print(result.modalities["image"].robust_top1, result.sanity)
 """
 
 from advcal import backbones, centers, data, objectives, ops, report
-from advcal.attacks import PGD, CrossMaxim, ZeroShotClassifier
-from advcal.calibrate import CalibConfig, Calibrator
-from advcal.evaluate import EvalConfig, evaluate
+from advcal.attacks import (
+    APGD,
+    APGDT,
+    FAB,
+    PGD,
+    AttackSpec,
+    AttackSuite,
+    CrossMaxim,
+    RankAttack,
+    Square,
+    ZeroShotClassifier,
+)
+from advcal.calibrate import CalibConfig, Calibrator, Stage
+from advcal.evaluate import EvalConfig, EvalResult, evaluate
 from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
 from advcal.pipeline import Run, RunConfig, load_run, run
@@ -23,16 +36,25 @@ from advcal.specs import InputSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "APGD",
+    "APGDT",
+    "FAB",
     "PGD",
+    "AttackSpec",
+    "AttackSuite",
     "CalibConfig",
     "CalibrationHeads",
     "Calibrator",
     "CrossMaxim",
     "EvalConfig",
+    "EvalResult",
     "InputSpec",
     "Objective",
+    "RankAttack",
     "Run",
     "RunConfig",
+    "Square",
+    "Stage",
     "ZeroShotClassifier",
     "backbones",
     "centers",
