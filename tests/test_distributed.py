@@ -125,6 +125,45 @@ def test_two_ranks_equal_one_process(tmp_path, env):
                 assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
 
 
+@pytest.mark.slow
+def test_resume_across_rank_counts(tmp_path, env):
+    """A run interrupted under 2 ranks (kill -9 after its first checkpoint) and resumed by one
+    process ends with the heads of an uninterrupted single-process run (within 1e-5)."""
+    from safetensors.torch import load_file
+
+    config = {**runkit.TINY, "train_limit": 60, "test_limit": 20}
+    config["calib"] = {**config["calib"], "batch_size": 20, "epochs": 6}
+    cfg = runkit.write_config(tmp_path / "run.json", config)
+    base = ["-m", "advcal.cli", "calibrate", "--config", str(cfg), "--quiet", "--out"]
+    proc = subprocess.run(
+        [sys.executable, *base, str(tmp_path / "one")], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "two"
+    torchrun = subprocess.Popen(
+        [*TORCHRUN, *base, str(out)], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    ckpt = out / "checkpoint.pt"
+    deadline = time.monotonic() + 600
+    while not ckpt.exists() and time.monotonic() < deadline and torchrun.poll() is None:
+        time.sleep(0.05)
+    os.killpg(torchrun.pid, signal.SIGKILL)
+    torchrun.wait(timeout=60)
+    state = torch.load(ckpt, weights_only=True)
+    assert 1 <= state["epoch"] < 6, "killed mid-run, after at least one checkpoint"
+    proc = subprocess.run(
+        [sys.executable, *base, str(out), "--resume"], env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    h1 = load_file(str(tmp_path / "one" / "heads.safetensors"))
+    h2 = load_file(str(out / "heads.safetensors"))
+    for k in h1:
+        torch.testing.assert_close(h2[k], h1[k], rtol=0, atol=1e-5, msg=k)
+
+
 def _children(pid: int) -> dict[int, dict[str, str]]:
     """pid -> environment of every direct child of ``pid`` (Linux /proc)."""
     out = {}
