@@ -379,8 +379,11 @@ class Calibrator:
 
             return compute
 
-        if dist.enabled() and missing:  # rank 0 fills the cache once; the others read it
-            if dist.is_main():
+        if dist.enabled():  # rank 0 fills the cache once; the others read it
+            # every rank enters the barrier: whether a file is missing is rank 0's view only
+            # (a slower rank may look after rank 0 has written it, and skipping the barrier
+            # there would pair it with a different collective: a hang until the timeout)
+            if dist.is_main() and missing:
                 for m in self.modalities:
                     embcache.load_or_compute(keys[m], n, d, fill(m), root=root)
             dist.barrier()

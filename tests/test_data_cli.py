@@ -213,6 +213,40 @@ def test_clean_embeddings_are_cached_and_reused(env, tmp_path, monkeypatch):
     assert torch.equal(first["image"][idx], again["image"][idx])
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("cached", [False, True])
+def test_every_rank_enters_the_cache_barrier(env, tmp_path, monkeypatch, rank, cached):
+    """Under torchrun each rank calls the cache's barrier exactly once, whether or not it sees
+    the files: a rank that looked after rank 0 had written them used to skip it and pair with
+    the next collective instead (a hang until --dist-timeout, seen in CI)."""
+    import advcal
+    from advcal import distributed
+    from advcal.calibrate import CalibConfig, Calibrator
+
+    monkeypatch.setenv("ADVCAL_CACHE", str(tmp_path))
+    bb = advcal.backbones.load("minibind", embed_dim=32, width=4, epochs=1, progress=False)
+    monkeypatch.setenv("ADVCAL_CACHE", str(tmp_path / "emb"))
+    data = advcal.data.open("digits", "train").subset(list(range(12)))
+    centers = bb.centers(data.class_names, data.templates)
+    if cached:  # the files exist before any rank looks (written by one process)
+        Calibrator(bb, centers, ["image"], CalibConfig(epochs=1)).clean_embeddings(data)
+    barriers = []
+
+    def barrier():  # on rank 1, rank 0 writes the files while this rank waits here
+        barriers.append(1)
+        if rank == 1 and not cached:
+            with monkeypatch.context() as m:
+                m.setattr(distributed, "enabled", lambda: False)
+                m.setattr(distributed, "is_main", lambda: True)
+                Calibrator(bb, centers, ["image"], CalibConfig(epochs=1)).clean_embeddings(data)
+
+    monkeypatch.setattr(distributed, "enabled", lambda: True)
+    monkeypatch.setattr(distributed, "is_main", lambda: rank == 0)
+    monkeypatch.setattr(distributed, "barrier", barrier)
+    emb = Calibrator(bb, centers, ["image"], CalibConfig(epochs=1)).clean_embeddings(data)
+    assert len(barriers) == 1 and emb["image"].path.is_file()
+
+
 N_BIG = 24000  # 24000 x (3 x 32 x 32) float32 = 295 MB on disk
 GROWTH_BOUND_MB = 30  # what one run may add to the child's peak resident memory (measured: 4-9)
 

@@ -94,7 +94,7 @@ def test_real_data_commands_run_on_miniature_layouts(tmp_path, monkeypatch):
         },
     )
     for cmd in blocks["data"]:
-        for var, value in paths.items():
+        for var, value in sorted(paths.items(), key=lambda kv: -len(kv[0])):  # longest first
             cmd = cmd.replace(f"${var}", str(value))
         argv = [*shlex.split(cmd)[1:], "--config", str(tiny), "--quiet"]
         assert main(argv) == 0, cmd
