@@ -30,7 +30,7 @@ from advcal.calibrate import CalibConfig, Calibrator, Stage
 from advcal.evaluate import EvalConfig, EvalResult, evaluate
 from advcal.heads import CalibrationHeads
 from advcal.objectives import Objective
-from advcal.pipeline import Run, RunConfig, load_run, run
+from advcal.pipeline import Run, RunConfig, demo_config, load_run, run
 from advcal.specs import InputSpec
 
 __version__ = "0.1.0"
@@ -59,6 +59,7 @@ __all__ = [
     "backbones",
     "centers",
     "data",
+    "demo_config",
     "evaluate",
     "load_run",
     "objectives",

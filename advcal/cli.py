@@ -16,28 +16,6 @@ from advcal.errors import UserError
 DEMO_OUT = "advcal-demo"
 
 
-def _demo_config(quick: bool):
-    from advcal.pipeline import RunConfig
-
-    cfg = RunConfig()  # the defaults are the demo's protocol
-    if quick:  # a smoke run: a subset and short attacks (not a result)
-        cfg = RunConfig.from_dict(
-            {
-                "train_limit": 256,
-                "test_limit": 96,
-                "calib": {"epochs": 1, "attack_steps": 3},
-                "eval": {  # 5-step APGD, 3-step sweep and masking checks, no legacy suite
-                    "suite": ["apgd-ce:5"],
-                    "compare": [],
-                    "sweep_suite": ["pgd:3"],
-                    "weak": ["apgd-ce:3", "apgd-t:3"],
-                    "retrieval_steps": 5,
-                },
-            }
-        )
-    return cfg
-
-
 def _add_run_args(p: argparse.ArgumentParser, *, calibrate: bool) -> None:
     p.add_argument(
         "--config",
@@ -222,11 +200,11 @@ def _print_summary(rep: dict, out: Path, seconds: float) -> None:
 
 
 def cmd_demo(args) -> int:
-    from advcal.pipeline import run
+    from advcal.pipeline import demo_config, run
 
     out = args.out or Path(DEMO_OUT)
     t0 = time.perf_counter()
-    rep = run(_demo_config(args.quick), out, resume=args.resume, progress=not args.quiet)
+    rep = run(demo_config(quick=args.quick), out, resume=args.resume, progress=not args.quiet)
     _print_summary(rep, out, time.perf_counter() - t0)
     if args.quick:
         print(

@@ -138,6 +138,31 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
+DEMO_SAMPLES = 100  # the demo evaluates a fixed, class-balanced subset of digits' 450 test samples
+
+
+def demo_config(*, quick: bool = False) -> RunConfig:
+    """The demo's protocol: every default, evaluated on :data:`DEMO_SAMPLES` test samples
+    (the first of each class in turn: the same every run, said in the report). ``quick``: a
+    smoke run on a subset with short attacks (not a result)."""
+    if not quick:
+        return RunConfig.from_dict({"eval": {"samples": DEMO_SAMPLES}})
+    return RunConfig.from_dict(
+        {
+            "train_limit": 256,
+            "test_limit": 96,
+            "calib": {"epochs": 1, "attack_steps": 3},
+            "eval": {  # 5-step APGD, 3-step sweep and masking checks, no legacy suite
+                "suite": ["apgd-ce:5"],
+                "compare": [],
+                "sweep_suite": ["pgd:3"],
+                "weak": ["apgd-ce:3", "apgd-t:3"],
+                "retrieval_steps": 5,
+            },
+        }
+    )
+
+
 def _check_split(ds, cfg: RunConfig, split_name: str):
     """A split at the boundary: an in-memory one is checked whole (finite inputs; float64 /
     float16 cast, see :func:`advcal.validation.check_inputs`); a streamed source is checked

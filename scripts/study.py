@@ -9,7 +9,7 @@ Rows (each a calibration config on ``minibind`` + ``digits``, evaluated like the
   on clean inputs only.
 * ``full-ft``: full adversarial fine-tuning of the minibind encoders (PGD-10 on CE, the same
   epochs and budget), no head: the upper bound, with its trainable-parameter count.
-* ``advcal``: the demo's calibration (``RunConfig()`` defaults).
+* ``advcal``: the demo's calibration (``CalibConfig()`` defaults).
 * ablations of the demo's calibration: the objectives (CE / +L2 / +InfoNCE / +consistency),
   the training attack (CE / DLR / the default mix) and the schedule (one stage / the default
   stages).
@@ -42,7 +42,7 @@ from advcal.attacks import PGD, ZeroShotClassifier
 from advcal.calibrate import CalibConfig, Calibrator
 from advcal.evaluate import evaluate
 from advcal.objectives import Objective
-from advcal.pipeline import RunConfig
+from advcal.pipeline import demo_config
 
 
 def _rows(base: CalibConfig) -> dict[str, CalibConfig | str]:
@@ -120,7 +120,7 @@ def run_row(name, cfg, seed, bb, train, test, centers, ev) -> dict:
     if cfg == "frozen":
         model, heads, params = bb, None, 0
     elif cfg == "full-ft":
-        model, params = full_finetune(bb, train, centers, RunConfig().calib, seed)
+        model, params = full_finetune(bb, train, centers, demo_config().calib, seed)
         heads = None
     else:
         cfg = dataclasses.replace(cfg, seed=seed, cache=False)
@@ -275,7 +275,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--fresh", action="store_true")
     args = p.parse_args()
-    demo = RunConfig()  # the demo's protocol
+    demo = demo_config()  # the demo's protocol: its calibration and evaluation
     ev = demo.eval
     bb = advcal.backbones.load("minibind", progress=False)
     train = advcal.data.load_dataset("digits", "train")
