@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import advcal
-from advcal.attacks import APGD, APGDT, PGD, ZeroShotClassifier
+from advcal.attacks import APGD, APGDT, PGD, UnitBox, ZeroShotClassifier
 from benchmarks.harness import Case, Table, parser, run_sweep
 
 ATTACKS = ("pgd-10", "apgd-ce", "apgd-t")
@@ -105,17 +105,19 @@ def main() -> None:
             compiled[case.params["modality"]] = torch.compile(clf, dynamic=False)
         return compiled[case.params["modality"]]
 
-    def eps(case):
-        return clfs[case.params["modality"]].spec.eps
-
     def ta(case, clf, compile_=False):
-        model = ta_model(case, compile_)
-        e, a = eps(case), case.params["attack"]
+        # torchattacks expects image batches in [0, 1]: the classifier through a UnitBox (the
+        # same threat model: audio's [-1, 1], video's 5-D batches), its map inside the timing
+        x = case.params["_clf"][1]
+        box = UnitBox(ta_model(case, compile_), x, spec=clf.spec)
+        e, a = box.eps, case.params["attack"]
         if a == "pgd-10":
-            return torchattacks.PGD(model, eps=e, alpha=e / 4, steps=10, random_start=True)
-        if a == "apgd-ce":
-            return torchattacks.APGD(model, eps=e, steps=steps, loss="ce", seed=0)
-        return torchattacks.APGDT(model, eps=e, steps=steps, n_classes=10, seed=0)
+            atk = torchattacks.PGD(box, eps=e, alpha=e / 4, steps=10, random_start=True)
+        elif a == "apgd-ce":
+            atk = torchattacks.APGD(box, eps=e, steps=steps, loss="ce", seed=0)
+        else:
+            atk = torchattacks.APGDT(box, eps=e, steps=steps, n_classes=10, seed=0)
+        return lambda x, y: box.from_unit(atk(box.to_unit(x), y))
 
     def ours(case, clf, early_stop=True, compile_=False):
         a = case.params["attack"]

@@ -7,10 +7,10 @@ attacked on exactly the samples the report evaluated (its fixed subset) by torch
 find robust top-1 more than ``--tolerance`` (2 points) below what advcal reports; a row that
 does is printed as FAIL and the script exits 1.
 
-torchattacks clamps its inputs to [0, 1]. Inputs with another valid range are attacked through
-an affine map ``x = lo + (hi - lo) u`` with ``u`` in [0, 1] and the budget scaled by the same
-factor (audio: [-1, 1]); unbounded inputs (point clouds) through ``x = c + s (u - 1/2)`` with
-``s`` large enough that the clamp never binds, so the threat model is exactly the run's.
+torchattacks clamps its inputs to [0, 1] and expects image batches: every modality is attacked
+through :class:`advcal.attacks.UnitBox` (an affine map onto the unit box, the budget scaled by
+the same factor, samples flattened to ``(B, 1, 1, n)``; unbounded inputs get a box wide enough
+that the clamp never binds), so the threat model is exactly the run's.
 
     python scripts/crosscheck.py advcal-demo [--steps 100] [--json docs/crosscheck.json]
 """
@@ -24,35 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import advcal
+from advcal.attacks import UnitBox
 from advcal.evaluate import stratified_subset
-
-
-class UnitBox(nn.Module):
-    """``u`` in [0, 1] -> ``x = offset + scale * u`` -> the classifier's logits."""
-
-    def __init__(self, clf: nn.Module, offset: torch.Tensor | float, scale: float) -> None:
-        super().__init__()
-        self.clf, self.scale = clf, scale
-        self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float32))
-
-    def forward(self, u):
-        return self.clf(self.offset + self.scale * u)
-
-    def to_unit(self, x):
-        return ((x - self.offset) / self.scale).clamp(0, 1)
-
-
-def boxed(clf, spec, x: torch.Tensor) -> tuple[UnitBox, float]:
-    """The classifier in [0, 1] coordinates and the budget there."""
-    if spec.lo is not None and spec.hi is not None:
-        scale = spec.hi - spec.lo
-        return UnitBox(clf, spec.lo, scale), spec.eps / scale
-    # unbounded: a box around the data wide enough that no clamp reaches the eps-ball
-    reach = float(x.abs().max()) + 4 * spec.eps
-    return UnitBox(clf, -reach, 2 * reach), spec.eps / (2 * reach)
 
 
 def robust(model, x, y, eps, steps, batch):
@@ -75,7 +50,7 @@ def robust(model, x, y, eps, steps, batch):
 
 
 def model_classes(model) -> int:
-    return int(model.clf.num_classes)
+    return int(model.model.num_classes)
 
 
 def main() -> int:
@@ -105,9 +80,9 @@ def main() -> int:
             clf = run.classifier(m, calibrated=calibrated)
             for p_ in clf.parameters():
                 p_.requires_grad_(False)
-            model, eps = boxed(clf, clf.spec, x)
+            box = UnitBox(clf, x).eval()
             t0 = time.perf_counter()
-            theirs = robust(model.eval(), model.to_unit(x), y, eps, args.steps, args.batch)
+            theirs = robust(box, box.to_unit(x), y, box.eps, args.steps, args.batch)
             ours = r[f"robust_top1_{when}"]
             ok = theirs >= ours - args.tolerance
             failed |= not ok

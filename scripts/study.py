@@ -11,8 +11,8 @@ Rows (each a calibration config on ``minibind`` + ``digits``, evaluated like the
   epochs and budget), no head: the upper bound, with its trainable-parameter count.
 * ``advcal``: the demo's calibration (``CalibConfig()`` defaults).
 * ablations of the demo's calibration: the objectives (CE / +L2 / +InfoNCE / +consistency),
-  the training attack (CE / DLR / the default mix) and the schedule (one stage / the default
-  stages).
+  the training attack (CE / DLR / the default mix) and the schedule (the default one stage /
+  the paper's v2 stages: clean alignment, eps ramp, full eps).
 
 Every (row, seed) result is appended to ``docs/results.jsonl`` as it finishes, so an
 interrupted study resumes where it stopped (``--fresh`` starts over). The machine is named in
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import advcal
 from advcal.attacks import PGD, ZeroShotClassifier
-from advcal.calibrate import CalibConfig, Calibrator
+from advcal.calibrate import CalibConfig, Calibrator, Stage
 from advcal.evaluate import evaluate
 from advcal.objectives import Objective
 from advcal.pipeline import demo_config
@@ -47,7 +47,18 @@ from advcal.pipeline import demo_config
 
 def _rows(base: CalibConfig) -> dict[str, CalibConfig | str]:
     """Row name -> calibration config (or a special: 'frozen', 'full-ft')."""
-    one_stage = dataclasses.replace(base, stages=())
+    # the schedule ablation: the other one of one stage and the paper's v2 stages (a clean
+    # alignment epoch, an eps ramp, then the full eps), the same epochs and attack in all
+    if base.stages:
+        schedule = ("schedule: one stage", dataclasses.replace(base, stages=()))
+    else:
+        s = base.eps_scale
+        stages = (
+            Stage(1, "none", name="align"),
+            Stage(2, base.attack, (s / 2, s), name="ramp"),
+            Stage(base.epochs - 3, base.attack, s, name="full"),
+        )
+        schedule = ("schedule: align, ramp, full", dataclasses.replace(base, stages=stages))
     obj = base.objective
 
     def objective(**w) -> CalibConfig:
@@ -79,7 +90,7 @@ def _rows(base: CalibConfig) -> dict[str, CalibConfig | str]:
         "objective: ce+l2+infonce": objective(ce=obj.ce, l2=obj.l2, infonce=obj.infonce),
         "attack: ce": attack("ce"),
         "attack: dlr": attack("dlr"),
-        "schedule: one stage": one_stage,
+        schedule[0]: schedule[1],
     }
 
 

@@ -26,6 +26,7 @@ from advcal.attacks import (
     CrossMaxim,
     RankAttack,
     Square,
+    UnitBox,
 )
 from advcal.attacks.iterative import apgd_checkpoints
 from advcal.attacks.retrieval import competitors
@@ -240,6 +241,63 @@ def test_agrees_with_torchattacks_apgd_and_apgd_t():
     assert 0.1 < theirs_ce < 0.9, "the case must be mixed for the comparison to mean anything"
     assert abs(ours_ce - theirs_ce) <= 0.02
     assert abs(ours_t - theirs_t) <= 0.02
+
+
+@pytest.mark.parametrize("kind", ["audio", "points", "video"])
+def test_unit_box_is_the_modalitys_threat_model(kind):
+    """UnitBox maps a classifier onto image batches in [0, 1] (what torchattacks takes):
+    the same logits, the budget scaled exactly, an unbounded input's eps-ball inside the box."""
+    torch.manual_seed(0)
+    if kind == "audio":
+        model, spec = _Audio(), InputSpec((256,), -1.0, 1.0, 0.05, "linf", "waveform")
+        x = torch.rand(8, 256) * 2 - 1
+    elif kind == "points":
+        model, spec = _Points(), InputSpec((64, 3), None, None, 0.05, "linf", "points")
+        x = 3 * torch.randn(8, 64, 3)
+    else:
+        net = nn.Sequential(nn.Flatten(), nn.Linear(2 * 3 * 4 * 4, K))
+        model, spec = net, InputSpec((2, 3, 4, 4), 0.0, 1.0, 4 / 255)
+        x = torch.rand(8, 2, 3, 4, 4)
+    box = UnitBox(model, x, spec=spec)
+    u = box.to_unit(x)
+    assert u.shape == (8, 1, 1, x[0].numel()) and u.min() >= 0 and u.max() <= 1
+    assert torch.allclose(box.from_unit(u), x, atol=1e-5)  # fp32 of an affine map, |x| < 20
+    assert torch.allclose(box(u), model(x), atol=1e-5)
+    step = box.from_unit((u + box.eps).clamp(0, 1)) - x  # the budget's corner, back in x
+    corner = step.abs().amax()
+    if kind == "points":  # never clamped: every coordinate moved by eps exactly
+        assert torch.allclose(step, torch.full_like(step, spec.eps), atol=1e-5)
+        assert (u - box.eps).min() > 0 and (u + box.eps).max() < 1
+    else:
+        assert corner <= spec.eps + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["audio", "points"])
+def test_torchattacks_through_a_unit_box_agrees_off_the_image_range(kind):
+    """torchattacks' APGD-T through UnitBox on audio's [-1, 1] and on unbounded points finds
+    what advcal's APGD-T finds there (within 2 samples of 40), inside the modality's ball."""
+    torchattacks = pytest.importorskip("torchattacks")
+    torch.manual_seed(0)
+    if kind == "audio":  # a waveform MLP (the _Audio conv net is robust at any small eps)
+        model = nn.Sequential(nn.Linear(256, 32), nn.Tanh(), nn.Linear(32, K)).eval()
+        spec = InputSpec((256,), -1.0, 1.0, 0.02, "linf", "waveform")
+        x = torch.rand(40, 256) * 2 - 1
+    else:
+        model, spec = _Points().eval(), InputSpec((64, 3), None, None, 0.01, "linf", "points")
+        x = F.normalize(torch.randn(40, 64, 3), dim=-1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    y = model(x).argmax(1).detach()
+    box = UnitBox(model, x, spec=spec)
+    ua = torchattacks.APGDT(box, eps=box.eps, steps=30, n_classes=K, seed=0)(box.to_unit(x), y)
+    theirs = box.from_unit(ua)
+    assert (theirs - x).abs().max() <= spec.eps + 1e-5
+    if spec.lo is not None:
+        assert theirs.min() >= spec.lo and theirs.max() <= spec.hi
+    ours = APGDT(model, spec=spec, steps=30, n_targets=K - 1)(x, y)
+    n_theirs, n_ours = int(_robust(model, theirs, y).sum()), int(_robust(model, ours, y).sum())
+    assert 0 < n_ours < 40, "the case must be mixed for the comparison to mean anything"
+    assert abs(n_theirs - n_ours) <= 2
 
 
 # -- the ranking attack --------------------------------------------------------------------

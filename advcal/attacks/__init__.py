@@ -11,12 +11,14 @@ through backbone AND head.
 * :class:`FAB`: targeted minimum-norm attack (FAB-T).
 * :class:`RankAttack`: the margin attack on a retrieval ranking.
 * :class:`AttackSuite` / :data:`SUITES`: AutoAttack's cascade adapted per modality.
+* :class:`UnitBox`: a classifier as another library expects it (image batches in [0, 1]).
 """
 
 from advcal.attacks import losses
 from advcal.attacks.base import Attack, Target, eval_mode, frozen_params, project
 from advcal.attacks.classifier import ZeroShotClassifier
 from advcal.attacks.fab import FAB
+from advcal.attacks.interop import UnitBox
 from advcal.attacks.iterative import APGD, APGDT, ATTACKS, PGD, CrossMaxim, IterativeAttack
 from advcal.attacks.retrieval import RankAttack
 from advcal.attacks.square import Square
@@ -38,6 +40,7 @@ __all__ = [
     "Square",
     "SuiteResult",
     "Target",
+    "UnitBox",
     "ZeroShotClassifier",
     "eval_mode",
     "frozen_params",
