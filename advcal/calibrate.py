@@ -292,6 +292,7 @@ class Calibrator:
         device: str | torch.device | None = None,
     ) -> None:
         self.config = config or CalibConfig()
+        self.data_wait_s = 0.0  # seconds fit() waited for its data loader
         c, labels, _ = split(centers, backbone.embed_dim)  # validates: (K, D) of the backbone
         self.device = check_device(device) if device is not None else c.device
         for m in modalities:
@@ -566,8 +567,9 @@ class Calibrator:
             sampler.set_epoch(epoch)
             batches = sampler.global_batches()
             sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step
+            waited = _progress.Waited(loader)
             bar = _progress.bar(
-                loader,
+                waited,
                 desc=f"calibrate epoch {epoch + 1}/{cfg.epochs}"
                 + (f" ({stage.name})" if len(cfg.schedule()) > 1 else ""),
                 enabled=show,
@@ -589,6 +591,7 @@ class Calibrator:
                 if show and (step % LOG_EVERY == 0 or step == steps_per_epoch - 1):
                     bar.set_postfix(loss=f"{float(parts['loss']):.3f}")
             bar.close()
+            self.data_wait_s += waited.seconds
             names = sorted(sums)
             means = torch.stack(
                 [torch.as_tensor(sums[k], dtype=torch.float64).cpu() for k in names]

@@ -382,8 +382,9 @@ def evaluate(
         total=len(loader) * len(modalities),
         enabled=show and dist.is_main(),
     )
+    waited = _progress.Waited(loader)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        for batch in loader:
+        for batch in waited:
             skipped += len(getattr(batch, "skipped", ()) or ())
             if len(batch) == 0:
                 continue
@@ -437,6 +438,10 @@ def evaluate(
         if cfg.samples is None or cfg.samples >= len(data)
         else f"stratified: the first {cfg.samples} samples taking each class in turn",
         "skipped": int(dist.all_gather_cat(torch.tensor([skipped])).sum()),
+        # seconds this evaluation waited for its data loader (the slowest rank's)
+        "seconds_data_wait": round(
+            float(dist.all_gather_cat(torch.tensor([waited.seconds])).max()), 3
+        ),
     }
     return EvalResult(
         results, retrieval, sanity, cfg.as_dict(), data_info, time.perf_counter() - t_start

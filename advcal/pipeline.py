@@ -371,6 +371,12 @@ def _run(
         progress=progress,
     )
     timings["eval_after"] = time.perf_counter() - t0
+    # the part of the above spent waiting for data loaders (decoding, transforms)
+    timings["data_wait"] = (
+        calibrator.data_wait_s
+        + after.data.get("seconds_data_wait", 0.0)
+        + (before.data.get("seconds_data_wait", 0.0) if timings["eval_before"] else 0.0)
+    )
 
     rep = report.build(
         backbone=backbone.name,
@@ -473,7 +479,12 @@ def _evaluate_and_report(
         before=before,
         after=after,
         config=cfg.as_dict(),
-        timings={"evaluate": time.perf_counter() - t0},
+        timings={
+            "evaluate": time.perf_counter() - t0,
+            "data_wait": sum(
+                r.data.get("seconds_data_wait", 0.0) for r in (before, after) if r is not None
+            ),
+        },
         dataset=test.info.name,
     )
     rep["run"] = {"modalities": list(modalities), **extra}

@@ -313,9 +313,23 @@ def markdown(report: dict) -> str:
         "```",
         "",
         "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
+        *_shares(report["timings"]),
         "",
     ]
     return "\n".join(out)
+
+
+def _shares(timings: dict) -> list[str]:
+    """One line: the evaluation's and the data loaders' shares of the run's wall time."""
+    total = sum(v for k, v in timings.items() if k != "data_wait")
+    if total <= 0 or "data_wait" not in timings:
+        return []
+    evaluation = sum(v for k, v in timings.items() if k.startswith("eval"))
+    return [
+        "",
+        f"Evaluation took {100 * evaluation / total:.0f}% of the wall time ({total:.0f} s), "
+        f"waiting for data {100 * timings['data_wait'] / total:.1f}%.",
+    ]
 
 
 def plot(report: dict, path: Path) -> bool:

@@ -285,7 +285,14 @@ def main() -> int:
     p.add_argument("--rows", default=None, help="comma-separated subset of the rows")
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--fresh", action="store_true")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        help="I/N: run every N-th (row, seed) from the I-th, for N processes side by side "
+        "(each appends to the same results.jsonl; a last run without --shard summarises)",
+    )
     args = p.parse_args()
+    shard, n_shards = (int(v) for v in args.shard.split("/"))
     demo = demo_config()  # the demo's protocol: its calibration and evaluation
     ev = demo.eval
     bb = advcal.backbones.load("minibind", progress=False)
@@ -304,21 +311,23 @@ def main() -> int:
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     have = {(r["row"], r["seed"]) for r in done}
     machine = describe_machine()
-    for name in wanted:
-        seeds = [0] if name == "frozen" else args.seeds
-        for seed in seeds:
-            if (name, seed) in have:
-                continue
-            t0 = time.perf_counter()
-            r = run_row(name, rows[name], seed, bb, train, test, centers, ev)
-            r["machine"] = machine
-            done.append(r)
-            with log.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            robust = " ".join(f"{m} {100 * v:.1f}" for m, v in r["robust"].items())
-            print(
-                f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s, robust {robust}", flush=True
-            )
+    # the headline (frozen, advcal: every seed) first, then seed-major: every other row's first
+    # seed before any row's second, so a study cut short has the headline and every row once
+    todo = [(n, s) for s in args.seeds for n in wanted if s == args.seeds[0] or n != "frozen"]
+    todo.sort(key=lambda t: t[0] not in ("frozen", "advcal"))  # stable: seed-major otherwise
+    todo = [t for i, t in enumerate(todo) if i % n_shards == shard and t not in have]
+    for name, seed in todo:
+        t0 = time.perf_counter()
+        r = run_row(name, rows[name], seed, bb, train, test, centers, ev)
+        r["machine"] = machine
+        done.append(r)
+        with log.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        robust = " ".join(f"{m} {100 * v:.1f}" for m, v in r["robust"].items())
+        print(f"{name} seed {seed}: {time.perf_counter() - t0:.0f} s, robust {robust}", flush=True)
+    if n_shards > 1:
+        print(f"shard {shard}/{n_shards} done; run without --shard to write the summary")
+        return 0
     if not any(r["row"] == "frozen" for r in done):
         sys.exit("the summary needs the 'frozen' row")
     results = [r for r in done if r["row"] in wanted or r["row"] == "frozen"]

@@ -74,7 +74,12 @@ def test_report_has_every_required_field(finished_run):
         assert r["n"] == 24
     assert all(isinstance(v, bool) for v in on_disk["sanity"].values())
     assert "image->audio" in on_disk["retrieval"]
-    assert (out / "report.md").read_text().startswith("# advcal report")
+    md = (out / "report.md").read_text()
+    assert md.startswith("# advcal report")
+    t = on_disk["timings"]  # the data loaders' wait is part of the phases, not beside them
+    total = sum(v for k, v in t.items() if k != "data_wait")
+    assert 0 < t["data_wait"] < t["calibrate"] + t["eval_before"] + t["eval_after"]
+    assert f"of the wall time ({total:.0f} s), waiting for data" in md
     assert (out / "robust_vs_eps.png").stat().st_size > 1000
     assert 0 < on_disk["trainable_params"] < on_disk["backbone_params"] * 10
 

@@ -68,3 +68,24 @@ def test_terminal_gets_a_redrawn_bar():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="progress mode must be"):
         progress.bar(range(1), mode="fancy")
+
+
+def test_waited_adds_up_the_time_spent_waiting_for_items():
+    """Waited yields the items unchanged and counts only the time spent producing them."""
+    import time
+
+    from advcal.progress import Waited
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.02)  # producing an item: counted
+            yield i
+
+    w = Waited(slow())
+    got = []
+    for i in w:
+        time.sleep(0.2)  # the consumer's work: not counted
+        got.append(i)
+    assert got == [0, 1, 2]
+    assert 0.06 <= w.seconds < 0.36  # the 3 x 20 ms (and scheduling), none of the 3 x 200 ms
+    assert len(Waited([1, 2])) == 2
