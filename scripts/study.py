@@ -272,9 +272,9 @@ def summarise(results: list[dict], modalities, machine: str, ev, backbone_params
             + f" | {worst:+.1f} |"
         )
     lines += ["", "## The same models under the old (cross-entropy only) suite", "",
-              "Robust top-1 (%) under `legacy` (PGD-50 x 2 + CrossMaxim-50) beside the standard "
-              "suite's: how much the old evaluation overstated.", "",
-              "| row | " + " | ".join(f"{m} legacy / standard" for m in modalities) + " |",
+              "Robust top-1 (%) under `legacy` (PGD-50 x 2 + CrossMaxim-50) beside the reported "
+              "one (the row's attacks): how much the old evaluation overstated.", "",
+              "| row | " + " | ".join(f"{m} legacy / reported" for m in modalities) + " |",
               "|---|" + "---|" * len(modalities)]  # fmt: skip
     for row, rs in by_row.items():
         cells = [
