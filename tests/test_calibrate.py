@@ -96,6 +96,20 @@ def test_cuda_graph_calibration_equals_eager(toy):
         assert torch.equal(v, fits[1][k]), k
 
 
+@requires_cuda
+def test_cuda_graph_runs_dlr_t_batches_eagerly(toy):
+    """The default mix (CE and targeted DLR by turns) under cuda_graph: the CE attack is
+    captured, the dlr_t attack (a target drawn per sample outside the step) runs eagerly,
+    and the config says so instead of refusing --cuda-graph."""
+    bb, centers, ds = toy
+    cfg = dataclasses.replace(CFG, epochs=1, attack=("ce", "dlr_t"), cuda_graph=True)
+    with pytest.warns(UserWarning, match=r"dlr_t training attack batches run eagerly"):
+        cal = Calibrator(bb, centers.cuda(), ["img"], cfg, device="cuda")
+    cal.fit(ds, progress=False)
+    graphed = {k[0]: a.cuda_graph for k, a in cal._attacks.items()}
+    assert graphed == {"ce": True, "dlr_t": False}
+
+
 def test_alternating_training_attack_uses_both(toy):
     bb, centers, ds = toy
     cfg = dataclasses.replace(CFG, epochs=1, attack="alternate")
