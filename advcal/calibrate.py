@@ -438,14 +438,18 @@ class Calibrator:
                 m: self.backbone.spec(m).check_eps(self.backbone.spec(m).eps * eps_scale)
                 for m in self.modalities
             }
+            n_classes = min(clf.num_classes for clf in classifiers.values())
+            if loss == "dlr_t" and n_classes < 4:
+                # the targeted DLR margin's denominator needs the 4 highest scores; with fewer
+                # classes every wrong class is a target anyway: cross-entropy's attack
+                warnings.warn(
+                    f"the dlr_t training attack needs >= 4 classes, the data has {n_classes}: "
+                    "its turns use the ce attack",
+                    stacklevel=2,
+                )
+                self._attacks[k] = self._attack("ce", eps_scale, steps)
+                return self._attacks[k]
             targeted = {"n_targets": cfg.targets, "sample_targets": True} if loss == "dlr_t" else {}
-            if loss == "dlr_t":
-                for m, clf in classifiers.items():
-                    if clf.num_classes < 4:
-                        raise ValueError(
-                            f"the dlr_t training attack needs >= 4 classes, '{m}' has "
-                            f"{clf.num_classes}"
-                        )
             self._attacks[k] = PGD(
                 classifiers,
                 loss=loss,

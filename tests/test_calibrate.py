@@ -110,6 +110,21 @@ def test_cuda_graph_runs_dlr_t_batches_eagerly(toy):
     assert graphed == {"ce": True, "dlr_t": False}
 
 
+def test_dlr_t_turns_use_ce_with_fewer_than_4_classes(toy):
+    """The default mix on a 3-class dataset (LLVIP has 2, N-Caltech101 miniatures 3): the
+    targeted margin needs 4 scores, so its turns use the CE attack, said once, and the
+    calibration runs instead of refusing the default config."""
+    bb, centers, ds = toy
+    three = ds.subset([i for i in range(len(ds)) if int(ds.labels[i]) < 3])
+    cfg = dataclasses.replace(CFG, epochs=1, attack=("ce", "dlr_t"))
+    cal = Calibrator(bb, centers[:3], ["img"], cfg)
+    with pytest.warns(UserWarning, match=r"dlr_t training attack needs >= 4 classes") as rec:
+        cal.fit(three, progress=False)
+    assert sum("dlr_t" in str(w.message) for w in rec) == 1
+    attacks = {k[0]: a for k, a in cal._attacks.items()}
+    assert attacks["dlr_t"] is attacks["ce"] and attacks["ce"].loss_name == "ce"
+
+
 def test_alternating_training_attack_uses_both(toy):
     bb, centers, ds = toy
     cfg = dataclasses.replace(CFG, epochs=1, attack="alternate")
