@@ -119,9 +119,6 @@ def bar(
     )
 
 
-__all__ = ["EVERY_PCT", "EVERY_S", "LineBar", "bar"]
-
-
 class Waited:
     """Iterates ``items`` and adds up, in ``seconds``, the time spent waiting for each one (a
     ``DataLoader``: decoding, transforms, worker hand-off): the data share of a loop's time."""
@@ -143,3 +140,6 @@ class Waited:
             finally:
                 self.seconds += time.perf_counter() - t0
             yield item
+
+
+__all__ = ["EVERY_PCT", "EVERY_S", "LineBar", "Waited", "bar"]
